@@ -1,0 +1,244 @@
+// hubfast._core: converts types, releases the GIL around native work, polls
+// for Ctrl-C and progress, and translates hubfast::Error once.
+#include <pybind11/functional.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <fcntl.h>
+
+#include "hubfast/cache.h"
+#include "hubfast/decode.h"
+#include "hubfast/error.h"
+#include "hubfast/fetch.h"
+#include "hubfast/pipeline.h"
+
+namespace py = pybind11;
+using namespace hubfast;
+
+namespace {
+
+const char* kind_name(ErrorKind k) {
+  switch (k) {
+    case ErrorKind::kNotFound: return "not_found";
+    case ErrorKind::kNetwork: return "network";
+    case ErrorKind::kHttp: return "http";
+    case ErrorKind::kIntegrity: return "integrity";
+    case ErrorKind::kUnsafeArchive: return "unsafe_archive";
+    case ErrorKind::kLimit: return "limit";
+    case ErrorKind::kDiskFull: return "disk_full";
+    case ErrorKind::kAccessDenied: return "access_denied";
+    case ErrorKind::kTimeout: return "timeout";
+    case ErrorKind::kLock: return "lock";
+    case ErrorKind::kCancelled: return "cancelled";
+    case ErrorKind::kInvalid: return "invalid";
+    case ErrorKind::kIO: return "io";
+  }
+  return "io";
+}
+
+// A Python exception raised inside a poll (Ctrl-C, or the progress callback
+// failing), held across the GIL-free section and re-raised after it.
+class PendingPyError {
+ public:
+  void fetch() { PyErr_Fetch(&type_, &value_, &tb_); }
+  bool has() const { return type_ != nullptr; }
+  [[noreturn]] void restore() {
+    PyErr_Restore(type_, value_, tb_);
+    type_ = value_ = tb_ = nullptr;
+    throw py::error_already_set();
+  }
+
+ private:
+  PyObject *type_ = nullptr, *value_ = nullptr, *tb_ = nullptr;
+};
+
+template <class F>
+auto run_released(const py::object& progress, F&& work) {
+  PendingPyError pending;
+  PollFn poll = [&](const Progress& p) {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) {
+      pending.fetch();
+      throw Error(ErrorKind::kCancelled, "interrupted");
+    }
+    if (!progress.is_none()) {
+      if (PyObject* r = PyObject_CallFunction(progress.ptr(), "KLK", (unsigned long long)p.bytes_in,
+                                              (long long)p.total_in, (unsigned long long)p.bytes_out)) {
+        Py_DECREF(r);
+      } else {
+        pending.fetch();
+        throw Error(ErrorKind::kCancelled, "progress callback failed");
+      }
+    }
+  };
+  try {
+    py::gil_scoped_release nogil;
+    return work(poll);
+  } catch (const Error&) {
+    if (pending.has()) pending.restore();
+    throw;
+  }
+}
+
+template <class T>
+void maybe(const py::dict& d, const char* key, T* out) {
+  if (d.contains(key) && !d[key].is_none()) *out = d[key].cast<T>();
+}
+
+FetchOptions fetch_options(const std::string& url, const py::dict& d) {
+  FetchOptions o;
+  o.url = url;
+  maybe(d, "headers", &o.headers);
+  maybe(d, "ca_bundle", &o.ca_bundle);
+  maybe(d, "verify_tls", &o.verify_tls);
+  maybe(d, "proxy", &o.proxy);
+  maybe(d, "no_proxy", &o.no_proxy);
+  maybe(d, "connect_timeout", &o.connect_timeout);
+  maybe(d, "low_speed_time", &o.low_speed_time);
+  maybe(d, "low_speed_limit", &o.low_speed_limit);
+  maybe(d, "max_redirects", &o.max_redirects);
+  maybe(d, "max_retries", &o.max_retries);
+  maybe(d, "backoff_base", &o.backoff_base);
+  maybe(d, "backoff_max", &o.backoff_max);
+  maybe(d, "connections", &o.connections);
+  maybe(d, "min_parallel_bytes", &o.min_parallel_bytes);
+  maybe(d, "verify_goog_hash", &o.verify_goog_hash);
+  maybe(d, "user_agent", &o.user_agent);
+  return o;
+}
+
+ExtractOptions extract_options(const py::dict& limits, const std::string& sha256, bool use_isal) {
+  ExtractOptions o;
+  maybe(limits, "max_total_bytes", &o.limits.max_total_bytes);
+  maybe(limits, "max_members", &o.limits.max_members);
+  maybe(limits, "max_path", &o.limits.max_path);
+  maybe(limits, "max_pax_header", &o.limits.max_pax_header);
+  o.expected_sha256 = sha256;
+  o.decode.use_isal = use_isal;
+  return o;
+}
+
+SourceFactory source_factory(const std::string& path, const std::string& url, const py::dict& fetch) {
+  if (!url.empty()) {
+    FetchOptions fo = fetch_options(url, fetch);
+    return [fo] { return make_http_source(fo); };
+  }
+  if (path.empty()) throw Error(ErrorKind::kInvalid, "give either path= or url=");
+  return [path] { return make_file_source(path); };
+}
+
+py::dict stats_dict(const ExtractStats& s) {
+  py::dict d;
+  d["compression"] = compression_name(s.compression);
+  d["bytes_in"] = s.bytes_in;
+  d["bytes_out"] = s.bytes_out;
+  d["files"] = s.files;
+  d["dirs"] = s.dirs;
+  d["units"] = s.units;
+  d["seconds"] = s.seconds;
+  d["read_busy"] = s.read_busy;
+  d["decode_busy"] = s.decode_busy;
+  d["write_busy"] = s.write_busy;
+  d["sha256"] = s.sha256;
+  py::dict src;
+  for (auto& [k, v] : s.source) src[py::str(k)] = v;
+  d["source"] = src;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "hubfast's native core: fetch, decode, extract, cache";
+  http_global_init();
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      py::object exc = py::module_::import("hubfast.errors")
+                           .attr("_from_native")(kind_name(e.kind()), e.what(), e.code());
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+    }
+  });
+
+  m.def("have_isal", &have_isal, "Whether gzip is inflated with ISA-L.");
+  m.def(
+      "detect_compression",
+      [](py::bytes head) {
+        std::string s = head;
+        return compression_name(detect_compression(reinterpret_cast<const uint8_t*>(s.data()), s.size()));
+      },
+      py::arg("head"));
+
+  m.def(
+      "extract",
+      [](const std::string& dest, const std::string& path, const std::string& url, py::dict fetch,
+         const std::string& sha256, py::dict limits, bool use_isal, py::object progress) {
+        ExtractOptions opt = extract_options(limits, sha256, use_isal);
+        SourceFactory make = source_factory(path, url, fetch);
+        ExtractStats st = run_released(progress, [&](const PollFn& poll) {
+          Fd dir(::open(dest.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+          if (!dir) throw_errno("cannot open target directory '" + dest + "'", errno);
+          auto src = make();
+          return extract(*src, dir.get(), opt, poll);
+        });
+        return stats_dict(st);
+      },
+      py::arg("dest"), py::kw_only(), py::arg("path") = "", py::arg("url") = "",
+      py::arg("fetch") = py::dict(), py::arg("sha256") = "", py::arg("limits") = py::dict(),
+      py::arg("use_isal") = true, py::arg("progress") = py::none(),
+      "Extracts an archive (path= or url=) into the existing directory dest.");
+
+  m.def(
+      "ensure_entry",
+      [](const std::string& root, const std::string& name, const std::string& handle,
+         const std::string& path, const std::string& url, py::dict fetch, const std::string& sha256,
+         py::dict limits, double lock_timeout, bool fsync, py::object progress) {
+        EntryRequest req;
+        req.root = root;
+        req.name = name;
+        req.handle = handle;
+        req.lock_timeout = lock_timeout;
+        req.fsync = fsync;
+        req.extract = extract_options(limits, sha256, true);
+        SourceFactory make = source_factory(path, url, fetch);
+        EntryResult r = run_released(progress, [&](const PollFn& poll) { return ensure_entry(req, make, poll); });
+        py::dict d;
+        d["path"] = r.path;
+        d["downloaded"] = r.downloaded;
+        d["repaired"] = r.repaired;
+        d["lock_wait"] = r.lock_wait;
+        d["publish_seconds"] = r.publish_seconds;
+        d["stats"] = r.downloaded ? py::object(stats_dict(r.stats)) : py::object(py::none());
+        return d;
+      },
+      py::arg("root"), py::arg("name"), py::arg("handle"), py::kw_only(), py::arg("path") = "",
+      py::arg("url") = "", py::arg("fetch") = py::dict(), py::arg("sha256") = "",
+      py::arg("limits") = py::dict(), py::arg("lock_timeout") = -1.0, py::arg("fsync") = false,
+      py::arg("progress") = py::none(),
+      "Returns the cache entry <root>/<name>, extracting it first when needed.");
+
+  m.def(
+      "lookup_entry",
+      [](const std::string& root, const std::string& name) {
+        Lookup l = lookup_entry(root, name);
+        return py::make_tuple(entry_state_name(l.state), l.path, l.reason);
+      },
+      py::arg("root"), py::arg("name"), "Warm lookup: (state, path, reason).");
+
+  py::class_<FileLock>(m, "FileLock", "A flock on a lock file that is never deleted.")
+      .def_static(
+          "acquire",
+          [](const std::string& path, bool exclusive, double timeout) {
+            return run_released(py::none(), [&](const PollFn& poll) {
+              return FileLock::acquire(path, exclusive, timeout, [&] { poll(Progress{}); });
+            });
+          },
+          py::arg("path"), py::arg("exclusive") = true, py::arg("timeout") = -1.0)
+      .def_static("try_acquire", &FileLock::try_acquire, py::arg("path"), py::arg("exclusive") = true)
+      .def_property_readonly("held", &FileLock::held)
+      .def("release", &FileLock::release)
+      .def("__enter__", [](FileLock& l) -> FileLock& { return l; }, py::return_value_policy::reference)
+      .def("__exit__", [](FileLock& l, py::args) { l.release(); });
+}

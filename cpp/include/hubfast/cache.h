@@ -1,0 +1,77 @@
+// Cache entries: lookup by manifest, cross-process locks, atomic publish.
+// An entry <root>/<name>/ appears only by rename of a finished temp
+// directory <root>/<name>.hf<hex>.tmp after every byte was verified; its
+// manifest <root>/<name>.hubfast is tied to that directory by inode.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "hubfast/fd.h"
+#include "hubfast/pipeline.h"
+
+namespace hubfast {
+
+enum class EntryState { kMissing, kComplete, kForeign, kBroken };
+const char* entry_state_name(EntryState s);
+
+struct Lookup {
+  EntryState state = EntryState::kMissing;
+  std::string path;     // <root>/<name>
+  std::string reason;   // for kBroken: what was wrong
+};
+
+// Warm lookup: stat calls only. kForeign: a non-empty directory without a
+// matching manifest (tensorflow_hub wrote it): usable as it is.
+Lookup lookup_entry(const std::string& root, const std::string& name);
+
+// A flock on <path>, on a file that is never deleted. Waits by polling
+// with a short interval so that timeouts and cancellation are honoured.
+class FileLock {
+ public:
+  // mode: exclusive or shared. timeout < 0: wait forever. Throws kLock on
+  // timeout, kCancelled through `poll` (called between attempts).
+  static FileLock acquire(const std::string& path, bool exclusive,
+                          double timeout, const std::function<void()>& poll);
+  static FileLock try_acquire(const std::string& path, bool exclusive);
+  FileLock() = default;
+  FileLock(FileLock&&) = default;
+  FileLock& operator=(FileLock&&) = default;
+  bool held() const { return bool(fd_); }
+  void release() { fd_.reset(); }
+
+ private:
+  explicit FileLock(Fd fd) : fd_(std::move(fd)) {}
+  Fd fd_;
+};
+
+struct EntryRequest {
+  std::string root, name, handle;
+  double lock_timeout = -1;
+  bool fsync = false;
+  ExtractOptions extract;
+};
+
+struct EntryResult {
+  std::string path;
+  bool downloaded = false;   // this call extracted the archive
+  bool repaired = false;     // a broken entry was replaced
+  double lock_wait = 0, publish_seconds = 0;
+  ExtractStats stats;
+};
+
+using SourceFactory = std::function<std::unique_ptr<Source>()>;
+
+// Returns the complete entry, extracting it from a source made by
+// `make_source` when needed. `poll` runs on the calling thread about every
+// 100 ms (progress, Ctrl-C).
+EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_source,
+                         const PollFn& poll);
+
+// The manifest path of an entry and the lock file guarding its writers.
+std::string manifest_path(const std::string& root, const std::string& name);
+std::string lock_path(const std::string& root, const std::string& name);
+
+}  // namespace hubfast

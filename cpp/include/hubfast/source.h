@@ -1,0 +1,31 @@
+// Where archive bytes come from. A source pushes bytes, in order, into an
+// EmitFn from the pipeline's reader thread; it checks the cancel token and
+// throws hubfast::Error on failure.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "hubfast/queue.h"
+
+namespace hubfast {
+
+using EmitFn = std::function<void(const uint8_t*, size_t)>;
+
+class Source {
+ public:
+  virtual ~Source() = default;
+  virtual void run(const EmitFn& emit, const CancelToken& cancel) = 0;
+  // Total bytes if known before the end (Content-Length, file size), else -1.
+  virtual int64_t expected_size() const { return -1; }
+  // For messages: the file path or URL.
+  virtual std::string describe() const = 0;
+  // Counters for stats (retries, connections, ...); names -> values.
+  virtual void add_stats(std::function<void(const char*, double)> put) const {}
+};
+
+std::unique_ptr<Source> make_file_source(const std::string& path);
+
+}  // namespace hubfast

@@ -1,0 +1,400 @@
+#include "hubfast/cache.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "hubfast/error.h"
+#include "hubfast/extract.h"
+
+namespace hubfast {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr const char* kManifestMagic = "hubfast-manifest 1";
+
+std::string join(const std::string& a, const std::string& b) { return a + "/" + b; }
+
+// Manifest paths are escaped so that any file name fits on one line.
+std::string escape(const std::string& s) {
+  std::string o;
+  for (char c : s) {
+    if (c == '%' || c == '\n' || c == '\r') {
+      char buf[4];
+      std::snprintf(buf, sizeof buf, "%%%02X", unsigned(uint8_t(c)));
+      o += buf;
+    } else {
+      o.push_back(c);
+    }
+  }
+  return o;
+}
+
+std::string unescape(const std::string& s) {
+  std::string o;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '%' && i + 2 < s.size()) {
+      o.push_back(char(std::stoi(s.substr(i + 1, 2), nullptr, 16)));
+      i += 2;
+    } else {
+      o.push_back(s[i]);
+    }
+  }
+  return o;
+}
+
+struct ManifestFile {
+  std::string path;
+  uint64_t size;
+};
+
+struct Manifest {
+  uint64_t dev = 0, ino = 0;
+  std::vector<ManifestFile> files;
+  std::string archive_sha256;
+};
+
+bool read_manifest(const std::string& path, Manifest* m) {
+  std::ifstream in(path);
+  if (!in) return false;
+  std::string line;
+  if (!std::getline(in, line) || line != kManifestMagic) return false;
+  while (std::getline(in, line)) {
+    if (line.size() < 2) continue;
+    std::istringstream ls(line.substr(2));
+    switch (line[0]) {
+      case 'i':
+        ls >> m->dev >> m->ino;
+        break;
+      case 's':
+        ls >> m->archive_sha256;
+        break;
+      case 'f': {
+        uint64_t size;
+        ls >> size;
+        std::string rest;
+        std::getline(ls, rest);
+        if (!rest.empty() && rest[0] == ' ') rest.erase(0, 1);
+        m->files.push_back({unescape(rest), size});
+        break;
+      }
+      default:
+        break;
+    }
+  }
+  return m->ino != 0;
+}
+
+// Lists regular files beneath `fd` (relative paths) with their sizes.
+void walk(int fd, const std::string& prefix, std::vector<ManifestFile>* out) {
+  int dup = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (dup < 0) throw_errno("dup", errno);
+  DIR* d = ::fdopendir(dup);
+  if (!d) {
+    ::close(dup);
+    throw_errno("cannot list the extracted tree", errno);
+  }
+  std::vector<std::string> subdirs;
+  while (dirent* e = ::readdir(d)) {
+    std::string n = e->d_name;
+    if (n == "." || n == "..") continue;
+    struct stat st;
+    if (::fstatat(::dirfd(d), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+    if (S_ISDIR(st.st_mode)) subdirs.push_back(n);
+    else if (S_ISREG(st.st_mode)) out->push_back({prefix + n, uint64_t(st.st_size)});
+  }
+  for (auto& n : subdirs) {
+    int sub = ::openat(::dirfd(d), n.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (sub < 0) continue;
+    Fd guard(sub);
+    walk(sub, prefix + n + "/", out);
+  }
+  ::closedir(d);
+}
+
+void fsync_tree(int fd) {
+  std::vector<ManifestFile> files;
+  walk(fd, "", &files);
+  for (auto& f : files) {
+    Fd file(::openat(fd, f.path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+    if (file && ::fsync(file.get()) != 0) throw_errno("fsync '" + f.path + "'", errno);
+  }
+  ::fsync(fd);
+}
+
+void write_file_atomic(int root_fd, const std::string& name, const std::string& content) {
+  std::string tmp = name + ".tmp" + std::to_string(::getpid());
+  Fd fd(::openat(root_fd, tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  if (!fd) throw_errno("cannot write '" + name + "'", errno);
+  const char* p = content.data();
+  size_t n = content.size();
+  while (n) {
+    ssize_t w = ::write(fd.get(), p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      int e = errno;
+      ::unlinkat(root_fd, tmp.c_str(), 0);
+      throw_errno("cannot write '" + name + "'", e);
+    }
+    p += w;
+    n -= size_t(w);
+  }
+  fd.reset();
+  if (::renameat(root_fd, tmp.c_str(), root_fd, name.c_str()) != 0) {
+    int e = errno;
+    ::unlinkat(root_fd, tmp.c_str(), 0);
+    throw_errno("cannot publish '" + name + "'", e);
+  }
+}
+
+std::string random_hex(size_t n) {
+  static thread_local std::mt19937_64 rng{std::random_device{}()};
+  static const char* kHex = "0123456789abcdef";
+  std::string s;
+  for (size_t i = 0; i < n; ++i) s.push_back(kHex[rng() & 15]);
+  return s;
+}
+
+std::string descriptor(const std::string& handle) {
+  // tensorflow_hub's format, so either library can read the other's.
+  auto now = std::chrono::system_clock::now();
+  std::time_t t = std::chrono::system_clock::to_time_t(now);
+  auto us = std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count() % 1000000;
+  std::tm tm;
+  ::localtime_r(&t, &tm);
+  char when[64];
+  std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
+  char host[256] = {0};
+  ::gethostname(host, sizeof host - 1);
+  std::ostringstream o;
+  o << "Module: " << handle << "\nDownload Time: " << when << "." << std::to_string(1000000 + us).substr(1)
+    << "\nDownloader Hostname: " << host << " (PID:" << ::getpid() << ")\n";
+  return o.str();
+}
+
+bool dir_nonempty(const std::string& path) {
+  DIR* d = ::opendir(path.c_str());
+  if (!d) return false;
+  bool any = false;
+  while (dirent* e = ::readdir(d)) {
+    std::string n = e->d_name;
+    if (n != "." && n != "..") {
+      any = true;
+      break;
+    }
+  }
+  ::closedir(d);
+  return any;
+}
+
+Fd open_root(const std::string& root) {
+  if (::mkdir(root.c_str(), 0755) != 0 && errno != EEXIST) {
+    // Create missing parents as `mkdir -p` would.
+    size_t slash = root.rfind('/');
+    if (errno == ENOENT && slash != std::string::npos && slash > 0) {
+      open_root(root.substr(0, slash));
+      if (::mkdir(root.c_str(), 0755) != 0 && errno != EEXIST)
+        throw_errno("cannot create cache directory '" + root + "'", errno);
+    } else {
+      throw_errno("cannot create cache directory '" + root + "'", errno);
+    }
+  }
+  int fd = ::open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw_errno("cannot open cache directory '" + root + "'", errno);
+  return Fd(fd);
+}
+
+// Removes temp directories of this entry left by dead hubfast writers. Only
+// called while holding the entry's write lock, so no live writer exists.
+void remove_dead_temps(int root_fd, const std::string& name) {
+  int dup = ::fcntl(root_fd, F_DUPFD_CLOEXEC, 0);
+  DIR* d = ::fdopendir(dup);
+  if (!d) {
+    ::close(dup);
+    return;
+  }
+  std::string prefix = name + ".hf";
+  std::vector<std::string> dead;
+  while (dirent* e = ::readdir(d)) {
+    std::string n = e->d_name;
+    if (n.compare(0, prefix.size(), prefix) == 0 && n.size() > 4 && n.compare(n.size() - 4, 4, ".tmp") == 0)
+      dead.push_back(n);
+  }
+  ::closedir(d);
+  for (auto& n : dead) remove_tree_at(root_fd, n);
+}
+
+}  // namespace
+
+const char* entry_state_name(EntryState s) {
+  switch (s) {
+    case EntryState::kMissing: return "missing";
+    case EntryState::kComplete: return "complete";
+    case EntryState::kForeign: return "foreign";
+    case EntryState::kBroken: return "broken";
+  }
+  return "?";
+}
+
+std::string manifest_path(const std::string& root, const std::string& name) {
+  return join(root, name + ".hubfast");
+}
+
+std::string lock_path(const std::string& root, const std::string& name) {
+  return join(root, name + ".hubfast.lock");
+}
+
+Lookup lookup_entry(const std::string& root, const std::string& name) {
+  Lookup r;
+  r.path = join(root, name);
+  struct stat st;
+  if (::stat(r.path.c_str(), &st) != 0) return r;
+  if (!S_ISDIR(st.st_mode)) {
+    r.state = EntryState::kBroken;
+    r.reason = "not a directory";
+    return r;
+  }
+  Manifest m;
+  if (!read_manifest(manifest_path(root, name), &m) || m.ino != uint64_t(st.st_ino) ||
+      m.dev != uint64_t(st.st_dev)) {
+    // Not ours (tensorflow_hub's rule: a non-empty directory is complete).
+    r.state = dir_nonempty(r.path) ? EntryState::kForeign : EntryState::kMissing;
+    return r;
+  }
+  Fd dir(::open(r.path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  for (auto& f : m.files) {
+    struct stat fs;
+    if (!dir || ::fstatat(dir.get(), f.path.c_str(), &fs, AT_SYMLINK_NOFOLLOW) != 0) {
+      r.state = EntryState::kBroken;
+      r.reason = "'" + f.path + "' is missing";
+      return r;
+    }
+    if (!S_ISREG(fs.st_mode) || uint64_t(fs.st_size) != f.size) {
+      r.state = EntryState::kBroken;
+      r.reason = "'" + f.path + "' changed size (" + std::to_string(fs.st_size) + " bytes, expected " +
+                 std::to_string(f.size) + ")";
+      return r;
+    }
+  }
+  r.state = EntryState::kComplete;
+  return r;
+}
+
+FileLock FileLock::try_acquire(const std::string& path, bool exclusive) {
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (fd < 0) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw_errno("cannot open lock file '" + path + "'", errno);
+  Fd guard(fd);
+  if (::flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0) return FileLock(std::move(guard));
+  if (errno != EWOULDBLOCK) throw_errno("cannot lock '" + path + "'", errno);
+  return FileLock();
+}
+
+FileLock FileLock::acquire(const std::string& path, bool exclusive, double timeout,
+                           const std::function<void()>& poll) {
+  auto start = Clock::now();
+  auto last_poll = start;
+  int sleep_ms = 1;
+  for (;;) {
+    FileLock l = try_acquire(path, exclusive);
+    if (l.held()) return l;
+    double waited = std::chrono::duration<double>(Clock::now() - start).count();
+    if (timeout >= 0 && waited >= timeout)
+      throw Error(ErrorKind::kLock, "timed out after " + std::to_string(int(waited)) +
+                                        " s waiting for the lock '" + path +
+                                        "' (another process is downloading this entry)");
+    // Short sleeps: a waiter sees the release (or the holder's death, which
+    // the kernel turns into a release) within ~10 ms.
+    std::this_thread::sleep_for(std::chrono::milliseconds(sleep_ms));
+    sleep_ms = std::min(sleep_ms * 2, 10);
+    if (poll && std::chrono::duration<double>(Clock::now() - last_poll).count() >= 0.1) {
+      last_poll = Clock::now();
+      poll();
+    }
+  }
+}
+
+EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_source, const PollFn& poll) {
+  EntryResult res;
+  Lookup l = lookup_entry(req.root, req.name);
+  res.path = l.path;
+  if (l.state == EntryState::kComplete || l.state == EntryState::kForeign) return res;
+
+  Fd root = open_root(req.root);
+  auto t_lock = Clock::now();
+  std::function<void()> lock_poll;
+  if (poll) lock_poll = [&] { poll(Progress{}); };
+  FileLock lock = FileLock::acquire(lock_path(req.root, req.name), true, req.lock_timeout, lock_poll);
+  res.lock_wait = std::chrono::duration<double>(Clock::now() - t_lock).count();
+
+  // Somebody may have finished while we waited.
+  l = lookup_entry(req.root, req.name);
+  if (l.state == EntryState::kComplete || l.state == EntryState::kForeign) return res;
+
+  remove_dead_temps(root.get(), req.name);
+  std::string temp = req.name + ".hf" + random_hex(30) + ".tmp";
+  if (::mkdirat(root.get(), temp.c_str(), 0755) != 0)
+    throw_errno("cannot create a temp directory in '" + req.root + "'", errno);
+  try {
+    Fd tdir(::openat(root.get(), temp.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!tdir) throw_errno("cannot open '" + temp + "'", errno);
+    auto src = make_source();
+    res.stats = extract(*src, tdir.get(), req.extract, poll);
+    auto t_pub = Clock::now();
+    if (req.fsync) fsync_tree(tdir.get());
+
+    Manifest m;
+    struct stat st;
+    if (::fstat(tdir.get(), &st) != 0) throw_errno("stat", errno);
+    walk(tdir.get(), "", &m.files);
+    std::ostringstream o;
+    o << kManifestMagic << "\ni " << st.st_dev << " " << st.st_ino << "\n";
+    if (!res.stats.sha256.empty()) o << "s " << res.stats.sha256 << "\n";
+    for (auto& f : m.files) o << "f " << f.size << " " << escape(f.path) << "\n";
+    std::string manifest_name = req.name + ".hubfast";
+
+    if (l.state == EntryState::kBroken) {
+      // Swap the good tree in atomically; readers never see a missing entry.
+      if (::renameat2(root.get(), temp.c_str(), root.get(), req.name.c_str(), RENAME_EXCHANGE) != 0)
+        throw_errno("cannot replace the broken entry '" + l.path + "'", errno);
+      write_file_atomic(root.get(), manifest_name, o.str());
+      res.repaired = true;
+      remove_tree_at(root.get(), temp);  // the broken tree now lives there
+    } else {
+      write_file_atomic(root.get(), manifest_name, o.str());
+      if (::renameat(root.get(), temp.c_str(), root.get(), req.name.c_str()) != 0) {
+        int e = errno;
+        if (e != ENOTEMPTY && e != EEXIST) throw_errno("cannot publish '" + l.path + "'", e);
+        // Another library published it meanwhile: theirs stands.
+        remove_tree_at(root.get(), temp);
+        return res;
+      }
+    }
+    if (req.fsync) ::fsync(root.get());
+    write_file_atomic(root.get(), req.name + ".descriptor.txt", descriptor(req.handle));
+    res.downloaded = true;
+    res.publish_seconds = std::chrono::duration<double>(Clock::now() - t_pub).count();
+  } catch (...) {
+    try {
+      remove_tree_at(root.get(), temp);
+    } catch (...) {
+    }
+    throw;
+  }
+  return res;
+}
+
+}  // namespace hubfast

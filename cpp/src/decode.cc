@@ -1,0 +1,366 @@
+#include "hubfast/decode.h"
+
+#include <bzlib.h>
+#include <lzma.h>
+#include <zlib.h>
+#include <zstd.h>
+#include <zstd_errors.h>
+#ifdef HUBFAST_HAVE_ISAL
+#include <isa-l/igzip_lib.h>
+#endif
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <vector>
+
+#include "hubfast/error.h"
+
+namespace hubfast {
+namespace {
+
+constexpr size_t kOutBytes = 1 << 20;
+
+[[noreturn]] void corrupt(const char* fmt, const std::string& detail) {
+  throw Error(ErrorKind::kIntegrity, std::string(fmt) + " stream is corrupt: " + detail);
+}
+
+// Between gzip members: a new member, zero padding, or garbage. Returns how
+// many bytes to skip; 0 means a member starts here.
+size_t skip_between_members(const uint8_t* p, size_t n, bool* saw_zero) {
+  size_t i = 0;
+  while (i < n && p[i] == 0) ++i;
+  if (i > 0) *saw_zero = true;
+  if (i < n) {
+    if (*saw_zero || p[i] != 0x1f)
+      throw Error(ErrorKind::kIntegrity,
+                  "gzip stream is corrupt: garbage after the end of the compressed data");
+  }
+  return i;
+}
+
+#ifdef HUBFAST_HAVE_ISAL
+class GzipIsalDecoder : public Decoder {
+ public:
+  GzipIsalDecoder() : out_(kOutBytes) {}
+
+  void feed(const uint8_t* in, size_t n, const OutFn& out) override {
+    while (n > 0) {
+      if (!in_member_) {
+        if (members_ > 0) {
+          size_t skip = skip_between_members(in, n, &saw_zero_);
+          in += skip;
+          n -= skip;
+          if (n == 0) return;
+        }
+        isal_inflate_init(&st_);
+        st_.crc_flag = ISAL_GZIP;
+        in_member_ = true;
+      }
+      uint32_t len = uint32_t(std::min<size_t>(n, UINT32_MAX));
+      st_.next_in = const_cast<uint8_t*>(in);
+      st_.avail_in = len;
+      for (;;) {
+        st_.next_out = out_.data();
+        st_.avail_out = uint32_t(out_.size());
+        int r = isal_inflate(&st_);
+        if (r < 0) corrupt("gzip", isal_message(r));
+        size_t produced = out_.size() - st_.avail_out;
+        if (produced) out(out_.data(), produced);
+        if (st_.block_state == ISAL_BLOCK_FINISH) break;
+        if (st_.avail_in == 0 && st_.avail_out > 0) break;
+      }
+      size_t used = len - st_.avail_in;
+      in += used;
+      n -= used;
+      if (st_.block_state == ISAL_BLOCK_FINISH) {
+        in_member_ = false;
+        ++members_;
+      }
+    }
+  }
+
+  void finish(const OutFn&) override {
+    if (in_member_)
+      throw Error(ErrorKind::kIntegrity,
+                  "gzip stream is truncated: it ends before its trailer (CRC32, size)");
+    if (members_ == 0) throw Error(ErrorKind::kIntegrity, "gzip stream is empty");
+  }
+
+  uint64_t units() const override { return members_; }
+
+ private:
+  static std::string isal_message(int r) {
+    switch (r) {
+      case ISAL_INVALID_BLOCK: return "invalid deflate block";
+      case ISAL_INVALID_SYMBOL: return "invalid deflate symbol";
+      case ISAL_INVALID_LOOKBACK: return "invalid back-reference distance";
+      case ISAL_INVALID_WRAPPER: return "invalid gzip header";
+      case ISAL_UNSUPPORTED_METHOD: return "unsupported compression method";
+      case ISAL_INCORRECT_CHECKSUM: return "CRC32 or size in the gzip trailer does not match";
+      default: return "ISA-L error " + std::to_string(r);
+    }
+  }
+
+  inflate_state st_{};
+  std::vector<uint8_t> out_;
+  bool in_member_ = false;
+  bool saw_zero_ = false;
+  uint64_t members_ = 0;
+};
+#endif
+
+class GzipZlibDecoder : public Decoder {
+ public:
+  GzipZlibDecoder() : out_(kOutBytes) {
+    if (inflateInit2(&zs_, 15 + 16) != Z_OK) throw Error(ErrorKind::kIO, "zlib init failed");
+  }
+  ~GzipZlibDecoder() override { inflateEnd(&zs_); }
+
+  void feed(const uint8_t* in, size_t n, const OutFn& out) override {
+    while (n > 0) {
+      if (!in_member_) {
+        if (members_ > 0) {
+          size_t skip = skip_between_members(in, n, &saw_zero_);
+          in += skip;
+          n -= skip;
+          if (n == 0) return;
+        }
+        inflateReset(&zs_);
+        in_member_ = true;
+      }
+      uInt len = uInt(std::min<size_t>(n, UINT_MAX));
+      zs_.next_in = const_cast<Bytef*>(in);
+      zs_.avail_in = len;
+      int r = Z_OK;
+      for (;;) {
+        zs_.next_out = out_.data();
+        zs_.avail_out = uInt(out_.size());
+        r = inflate(&zs_, Z_NO_FLUSH);
+        if (r != Z_OK && r != Z_STREAM_END && r != Z_BUF_ERROR)
+          corrupt("gzip", zs_.msg ? zs_.msg : "zlib error " + std::to_string(r));
+        size_t produced = out_.size() - zs_.avail_out;
+        if (produced) out(out_.data(), produced);
+        if (r == Z_STREAM_END) break;
+        if (zs_.avail_in == 0 && zs_.avail_out > 0) break;
+      }
+      size_t used = len - zs_.avail_in;
+      in += used;
+      n -= used;
+      if (r == Z_STREAM_END) {
+        in_member_ = false;
+        ++members_;
+      }
+    }
+  }
+
+  void finish(const OutFn&) override {
+    if (in_member_)
+      throw Error(ErrorKind::kIntegrity,
+                  "gzip stream is truncated: it ends before its trailer (CRC32, size)");
+    if (members_ == 0) throw Error(ErrorKind::kIntegrity, "gzip stream is empty");
+  }
+
+  uint64_t units() const override { return members_; }
+
+ private:
+  z_stream zs_{};
+  std::vector<uint8_t> out_;
+  bool in_member_ = false;
+  bool saw_zero_ = false;
+  uint64_t members_ = 0;
+};
+
+class ZstdDecoder : public Decoder {
+ public:
+  explicit ZstdDecoder(int window_log_max) : out_(ZSTD_DStreamOutSize()) {
+    ctx_ = ZSTD_createDCtx();
+    if (!ctx_) throw Error(ErrorKind::kIO, "zstd init failed");
+    ZSTD_DCtx_setParameter(ctx_, ZSTD_d_windowLogMax, window_log_max);
+  }
+  ~ZstdDecoder() override { ZSTD_freeDCtx(ctx_); }
+
+  void feed(const uint8_t* in, size_t n, const OutFn& out) override {
+    ZSTD_inBuffer ib{in, n, 0};
+    while (ib.pos < ib.size || pending_out_) {
+      ZSTD_outBuffer ob{out_.data(), out_.size(), 0};
+      size_t r = ZSTD_decompressStream(ctx_, &ob, &ib);
+      if (ZSTD_isError(r)) {
+        ErrorKind k = ZSTD_getErrorCode(r) == ZSTD_error_frameParameter_windowTooLarge
+                          ? ErrorKind::kLimit
+                          : ErrorKind::kIntegrity;
+        throw Error(k, std::string("zstd stream is corrupt: ") + ZSTD_getErrorName(r));
+      }
+      if (ob.pos) out(out_.data(), ob.pos);
+      pending_out_ = ob.pos == ob.size && r != 0;  // output full: more may be buffered
+      if (r == 0) {
+        ++frames_;
+        frame_open_ = false;
+      } else {
+        frame_open_ = true;
+      }
+      if (!pending_out_ && ib.pos == ib.size) break;
+    }
+  }
+
+  void finish(const OutFn&) override {
+    if (frame_open_) throw Error(ErrorKind::kIntegrity, "zstd stream is truncated");
+    if (frames_ == 0) throw Error(ErrorKind::kIntegrity, "zstd stream is empty");
+  }
+
+  uint64_t units() const override { return frames_; }
+
+ private:
+  ZSTD_DCtx* ctx_ = nullptr;
+  std::vector<uint8_t> out_;
+  bool pending_out_ = false;
+  bool frame_open_ = false;
+  uint64_t frames_ = 0;
+};
+
+class Bzip2Decoder : public Decoder {
+ public:
+  Bzip2Decoder() : out_(kOutBytes) {}
+  ~Bzip2Decoder() override {
+    if (open_) BZ2_bzDecompressEnd(&bz_);
+  }
+
+  void feed(const uint8_t* in, size_t n, const OutFn& out) override {
+    while (n > 0) {
+      if (!open_) {
+        bz_ = bz_stream{};
+        if (BZ2_bzDecompressInit(&bz_, 0, 0) != BZ_OK) throw Error(ErrorKind::kIO, "bzip2 init failed");
+        open_ = true;
+      }
+      unsigned len = unsigned(std::min<size_t>(n, UINT_MAX));
+      bz_.next_in = reinterpret_cast<char*>(const_cast<uint8_t*>(in));
+      bz_.avail_in = len;
+      int r = BZ_OK;
+      for (;;) {
+        bz_.next_out = reinterpret_cast<char*>(out_.data());
+        bz_.avail_out = unsigned(out_.size());
+        r = BZ2_bzDecompress(&bz_);
+        if (r != BZ_OK && r != BZ_STREAM_END) corrupt("bzip2", "error " + std::to_string(r));
+        size_t produced = out_.size() - bz_.avail_out;
+        if (produced) out(out_.data(), produced);
+        if (r == BZ_STREAM_END) break;
+        if (bz_.avail_in == 0 && bz_.avail_out > 0) break;
+      }
+      size_t used = len - bz_.avail_in;
+      in += used;
+      n -= used;
+      if (r == BZ_STREAM_END) {
+        BZ2_bzDecompressEnd(&bz_);
+        open_ = false;
+        ++streams_;
+      }
+    }
+  }
+
+  void finish(const OutFn&) override {
+    if (open_) throw Error(ErrorKind::kIntegrity, "bzip2 stream is truncated");
+    if (streams_ == 0) throw Error(ErrorKind::kIntegrity, "bzip2 stream is empty");
+  }
+
+  uint64_t units() const override { return streams_; }
+
+ private:
+  bz_stream bz_{};
+  bool open_ = false;
+  uint64_t streams_ = 0;
+  std::vector<uint8_t> out_;
+};
+
+class XzDecoder : public Decoder {
+ public:
+  explicit XzDecoder(uint64_t memlimit) : out_(kOutBytes) {
+    if (lzma_stream_decoder(&xz_, memlimit, LZMA_CONCATENATED) != LZMA_OK)
+      throw Error(ErrorKind::kIO, "xz init failed");
+  }
+  ~XzDecoder() override { lzma_end(&xz_); }
+
+  void feed(const uint8_t* in, size_t n, const OutFn& out) override { run(in, n, LZMA_RUN, out); }
+
+  void finish(const OutFn& out) override {
+    if (!run(nullptr, 0, LZMA_FINISH, out)) throw Error(ErrorKind::kIntegrity, "xz stream is truncated");
+  }
+
+ private:
+  bool run(const uint8_t* in, size_t n, lzma_action action, const OutFn& out) {
+    xz_.next_in = in;
+    xz_.avail_in = n;
+    for (;;) {
+      xz_.next_out = out_.data();
+      xz_.avail_out = out_.size();
+      lzma_ret r = lzma_code(&xz_, action);
+      size_t produced = out_.size() - xz_.avail_out;
+      if (produced) out(out_.data(), produced);
+      if (r == LZMA_STREAM_END) return true;
+      if (r == LZMA_MEMLIMIT_ERROR)
+        throw Error(ErrorKind::kLimit, "xz stream needs more memory than the limit allows");
+      if (r == LZMA_BUF_ERROR && action == LZMA_FINISH) return false;
+      if (r != LZMA_OK) corrupt("xz", "lzma error " + std::to_string(int(r)));
+      if (xz_.avail_in == 0 && xz_.avail_out > 0 && action == LZMA_RUN) return false;
+    }
+  }
+
+  lzma_stream xz_ = LZMA_STREAM_INIT;
+  std::vector<uint8_t> out_;
+};
+
+class PassThrough : public Decoder {
+ public:
+  void feed(const uint8_t* in, size_t n, const OutFn& out) override {
+    if (n) out(in, n);
+  }
+  void finish(const OutFn&) override {}
+};
+
+}  // namespace
+
+const char* compression_name(Compression c) {
+  switch (c) {
+    case Compression::kNone: return "none";
+    case Compression::kGzip: return "gzip";
+    case Compression::kZstd: return "zstd";
+    case Compression::kBzip2: return "bzip2";
+    case Compression::kXz: return "xz";
+  }
+  return "?";
+}
+
+Compression detect_compression(const uint8_t* p, size_t n) {
+  if (n >= 2 && p[0] == 0x1f && p[1] == 0x8b) return Compression::kGzip;
+  if (n >= 4 && p[0] == 0x28 && p[1] == 0xb5 && p[2] == 0x2f && p[3] == 0xfd) return Compression::kZstd;
+  // A skippable zstd frame first (a seek table may lead): 0x184D2A5?.
+  if (n >= 4 && (p[0] & 0xf0) == 0x50 && p[1] == 0x2a && p[2] == 0x4d && p[3] == 0x18)
+    return Compression::kZstd;
+  if (n >= 3 && p[0] == 'B' && p[1] == 'Z' && p[2] == 'h') return Compression::kBzip2;
+  if (n >= 6 && std::memcmp(p, "\xfd" "7zXZ\0", 6) == 0) return Compression::kXz;
+  return Compression::kNone;
+}
+
+bool have_isal() {
+#ifdef HUBFAST_HAVE_ISAL
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::unique_ptr<Decoder> make_decoder(Compression c, const DecodeOptions& opt) {
+  switch (c) {
+    case Compression::kGzip:
+#ifdef HUBFAST_HAVE_ISAL
+      if (opt.use_isal) return std::make_unique<GzipIsalDecoder>();
+#endif
+      return std::make_unique<GzipZlibDecoder>();
+    case Compression::kZstd: return std::make_unique<ZstdDecoder>(opt.zstd_window_log_max);
+    case Compression::kBzip2: return std::make_unique<Bzip2Decoder>();
+    case Compression::kXz: return std::make_unique<XzDecoder>(opt.xz_memlimit);
+    case Compression::kNone: return std::make_unique<PassThrough>();
+  }
+  return std::make_unique<PassThrough>();
+}
+
+}  // namespace hubfast

@@ -1,0 +1,155 @@
+#include "hubfast/extract.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <vector>
+
+#include "hubfast/error.h"
+
+namespace hubfast {
+namespace {
+
+constexpr size_t kMaxOpenDirs = 64;  // hostile archives may hold many dirs
+
+// Opens (creating if missing) directory `name` beneath `parent`, never
+// following a link.
+Fd open_subdir(int parent, const std::string& name, const std::string& shown) {
+  int fd = ::openat(parent, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0 && errno == ENOENT) {
+    if (::mkdirat(parent, name.c_str(), 0755) != 0 && errno != EEXIST)
+      throw_errno("cannot create directory '" + shown + "'", errno);
+    fd = ::openat(parent, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  }
+  if (fd < 0) {
+    if (errno == ELOOP || errno == ENOTDIR)
+      throw Error(ErrorKind::kUnsafeArchive,
+                  "'" + shown + "' is not a directory beneath the target (a link or a file)");
+    throw_errno("cannot open directory '" + shown + "'", errno);
+  }
+  return Fd(fd);
+}
+
+}  // namespace
+
+DirWriter::DirWriter(int root_fd) {
+  int fd = ::fcntl(root_fd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) throw_errno("dup", errno);
+  dirs_open_.emplace("", Fd(fd));
+}
+
+int DirWriter::dir_fd(const std::string& rel) {
+  auto it = dirs_open_.find(rel);
+  if (it != dirs_open_.end()) return it->second.get();
+  // Walk from the deepest open ancestor, one component at a time.
+  size_t slash = rel.rfind('/');
+  std::string parent = slash == std::string::npos ? "" : rel.substr(0, slash);
+  std::string leaf = slash == std::string::npos ? rel : rel.substr(slash + 1);
+  int pfd = dir_fd(parent);
+  Fd fd = open_subdir(pfd, leaf, rel);
+  if (dirs_open_.size() >= kMaxOpenDirs) {
+    // Keep the root; drop the rest (reopened on demand).
+    Fd root = std::move(dirs_open_[""]);
+    dirs_open_.clear();
+    dirs_open_.emplace("", std::move(root));
+  }
+  int raw = fd.get();
+  dirs_open_.emplace(rel, std::move(fd));
+  return raw;
+}
+
+void DirWriter::directory(const TarMember& m) {
+  dir_fd(m.path);
+  ++dirs_;
+}
+
+void DirWriter::begin_file(const TarMember& m) {
+  size_t slash = m.path.rfind('/');
+  std::string parent = slash == std::string::npos ? "" : m.path.substr(0, slash);
+  std::string leaf = slash == std::string::npos ? m.path : m.path.substr(slash + 1);
+  int pfd = dir_fd(parent);
+  // No setuid/setgid/sticky, no group or world write; always owner-writable.
+  mode_t mode = (m.mode & 0755) | 0600;
+  int fd = ::openat(pfd, leaf.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, mode);
+  if (fd < 0) {
+    if (errno == ELOOP || errno == EISDIR)
+      throw Error(ErrorKind::kUnsafeArchive, "member '" + m.path + "' would replace a link or a directory");
+    throw_errno("cannot create '" + m.path + "'", errno);
+  }
+  file_.reset(fd);
+  file_path_ = m.path;
+  file_left_ = m.size;
+  // Reserve the space up front: ENOSPC now rather than half way through.
+  if (m.size >= (1u << 20)) {
+    int r = ::posix_fallocate(fd, 0, off_t(m.size));
+    if (r == ENOSPC || r == EDQUOT) throw_errno("no space for '" + m.path + "'", r);
+  }
+}
+
+void DirWriter::file_data(const uint8_t* p, size_t n) {
+  if (n > file_left_) throw Error(ErrorKind::kIntegrity, "more data than declared for '" + file_path_ + "'");
+  file_left_ -= n;
+  while (n > 0) {
+    ssize_t w = ::write(file_.get(), p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      throw_errno("cannot write '" + file_path_ + "'", errno);
+    }
+    p += w;
+    n -= size_t(w);
+    bytes_ += uint64_t(w);
+  }
+}
+
+void DirWriter::end_file() {
+  if (file_left_ != 0) throw Error(ErrorKind::kIntegrity, "member '" + file_path_ + "' is short");
+  if (::close(file_.release()) != 0) throw_errno("cannot close '" + file_path_ + "'", errno);
+  ++files_;
+}
+
+void remove_tree_at(int parent_fd, const std::string& name) {
+  int fd = ::openat(parent_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return;
+    if (errno == ENOTDIR || errno == ELOOP) {
+      if (::unlinkat(parent_fd, name.c_str(), 0) != 0 && errno != ENOENT)
+        throw_errno("cannot remove '" + name + "'", errno);
+      return;
+    }
+    throw_errno("cannot open '" + name + "' for removal", errno);
+  }
+  DIR* d = ::fdopendir(fd);
+  if (!d) {
+    int e = errno;
+    ::close(fd);
+    throw_errno("cannot list '" + name + "'", e);
+  }
+  std::vector<std::pair<std::string, bool>> children;
+  while (dirent* e = ::readdir(d)) {
+    std::string n = e->d_name;
+    if (n == "." || n == "..") continue;
+    bool is_dir = e->d_type == DT_DIR;
+    if (e->d_type == DT_UNKNOWN) {
+      struct stat st;
+      is_dir = ::fstatat(::dirfd(d), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode);
+    }
+    children.emplace_back(n, is_dir);
+  }
+  for (auto& [n, is_dir] : children) {
+    if (is_dir) {
+      remove_tree_at(::dirfd(d), n);
+    } else if (::unlinkat(::dirfd(d), n.c_str(), 0) != 0 && errno != ENOENT) {
+      int err = errno;
+      ::closedir(d);
+      throw_errno("cannot remove '" + name + "/" + n + "'", err);
+    }
+  }
+  ::closedir(d);
+  if (::unlinkat(parent_fd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT)
+    throw_errno("cannot remove directory '" + name + "'", errno);
+}
+
+}  // namespace hubfast

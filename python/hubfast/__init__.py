@@ -1,0 +1,39 @@
+"""hubfast: fast, verified, crash-safe loading of TensorFlow Hub models.
+
+A drop-in for tensorflow_hub: ``import hubfast as hub``. Importing hubfast
+does not import TensorFlow; ``load`` and ``KerasLayer`` do, when called.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import errors
+from .cache import last_stats
+from .errors import (AccessDeniedError, ArchiveLimitError, DiskFullError, DownloadTimeoutError,
+                     HTTPStatusError, HubfastError, IntegrityError, LockTimeoutError,
+                     NetworkError, NotFoundError, OfflineError, UnsafeArchiveError)
+from .loading import load, resolve
+from .resolvers import Resolver, register_resolver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "resolve", "KerasLayer", "register_resolver", "Resolver", "last_stats", "errors",
+    "HubfastError", "NotFoundError", "NetworkError", "HTTPStatusError", "IntegrityError",
+    "UnsafeArchiveError", "ArchiveLimitError", "DiskFullError", "AccessDeniedError",
+    "DownloadTimeoutError", "LockTimeoutError", "OfflineError", "__version__",
+]
+
+_LAZY = {"KerasLayer": (".keras_layer", "KerasLayer")}
+
+
+def __getattr__(name: str) -> Any:
+    # TensorFlow-dependent names import TensorFlow only when first used.
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod, __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hubfast' has no attribute {name!r}")

@@ -1,0 +1,118 @@
+"""Cache roots and layers, entry names, and the one call that turns a source
+into a complete cache entry through the native core."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from typing import Any, Dict, Iterator, Optional
+
+from . import config, errors, progress
+from . import _core
+
+logger = logging.getLogger("hubfast")
+
+_stats_lock = threading.Lock()
+_last_stats: Dict[str, Any] = {}
+
+
+def entry_name(handle: str) -> str:
+    """tensorflow_hub's entry name: sha1 of the handle exactly as given."""
+    return hashlib.sha1(handle.encode("utf8")).hexdigest()
+
+
+def last_stats() -> Dict[str, Any]:
+    """Where the time went in this process's most recent resolve."""
+    with _stats_lock:
+        return dict(_last_stats)
+
+
+def _record(stats: Dict[str, Any]) -> None:
+    with _stats_lock:
+        _last_stats.clear()
+        _last_stats.update(stats)
+
+
+class Entry:
+    """A resolved cache entry: its directory, and the root and name it lives under."""
+
+    __slots__ = ("path", "root", "name")
+
+    def __init__(self, path: str, root: Optional[str], name: Optional[str]) -> None:
+        self.path, self.root, self.name = path, root, name
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[str]:
+        """Holds the entry's shared use-lock, so maintenance leaves it alone meanwhile."""
+        if self.root is None or self.name is None:
+            yield self.path
+            return
+        try:
+            lock = _core.FileLock.acquire(use_lock_path(self.root, self.name), exclusive=False,
+                                          timeout=60.0)
+        except errors.AccessDeniedError:
+            # A read-only layer: nobody can modify it through hubfast anyway.
+            yield self.path
+            return
+        try:
+            yield self.path
+        finally:
+            lock.release()
+
+
+def use_lock_path(root: str, name: str) -> str:
+    return os.path.join(root, name + ".hubfast.use")
+
+
+def _lookup(handle: str, name: str, s: config.Settings) -> Optional[Entry]:
+    for layer in s.cache_layers:
+        state, path, _ = _core.lookup_entry(layer, name)
+        if state in ("complete", "foreign"):
+            return Entry(path, layer, name)
+    state, path, reason = _core.lookup_entry(s.cache_dir, name)
+    if state in ("complete", "foreign"):
+        return Entry(path, s.cache_dir, name)
+    if state == "broken":
+        logger.warning("hubfast: cache entry %s for %s is broken (%s); fetching it again",
+                       path, handle, reason)
+    return None
+
+
+def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[dict] = None,
+                sha256: str = "", name: Optional[str] = None) -> Entry:
+    """Returns the complete cache entry for `handle`, extracting `path` or `url` when needed."""
+    s = config.settings()
+    name = name or entry_name(handle)
+    found = _lookup(handle, name, s)
+    if found is not None:
+        _record({"handle": handle, "path": found.path, "cached": True})
+        return found
+    if s.offline:
+        searched = ", ".join(s.cache_layers + (s.cache_dir,))
+        raise errors.OfflineError(
+            f"{handle}: not in any cache and {config.OFFLINE_ENV} is set "
+            f"(searched: {searched}); unset it or fill a cache with `hubfast fetch`")
+    limits = {"max_total_bytes": s.max_extract_bytes, "max_members": s.max_members}
+    bar = progress.make_progress(os.path.basename(handle.rstrip("/")) or handle, s.show_progress)
+    try:
+        result = _core.ensure_entry(s.cache_dir, name, handle, path=path, url=url,
+                                    fetch=fetch or {}, sha256=sha256, limits=limits,
+                                    lock_timeout=s.lock_timeout, fsync=s.fsync, progress=bar)
+    except errors.HubfastError as e:
+        raise errors.with_context(e, handle)
+    finally:
+        if bar is not None:
+            bar.close()
+    stats = {"handle": handle, "path": result["path"], "cached": not result["downloaded"],
+             "lock_wait": result["lock_wait"], "publish_seconds": result["publish_seconds"],
+             "repaired": result["repaired"]}
+    if result["stats"]:
+        stats.update(result["stats"])
+        st = result["stats"]
+        logger.info("hubfast: %s: %.1f MiB %s -> %d files, %.1f MiB in %.2f s (lock wait %.2f s)",
+                    handle, st["bytes_in"] / 2**20, st["compression"], st["files"],
+                    st["bytes_out"] / 2**20, st["seconds"], result["lock_wait"])
+    _record(stats)
+    return Entry(result["path"], s.cache_dir, name)

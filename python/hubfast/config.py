@@ -1,0 +1,122 @@
+"""Every environment variable hubfast reads, and its default, in one place.
+
+Values are read when a call needs them (so a test or a long-lived process can
+change them), except where tensorflow_hub fixes the semantics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from typing import Optional
+
+# tensorflow_hub's variables (same meaning).
+CACHE_DIR_ENV = "TFHUB_CACHE_DIR"
+LOAD_FORMAT_ENV = "TFHUB_MODEL_LOAD_FORMAT"  # COMPRESSED | UNCOMPRESSED | AUTO
+DOWNLOAD_PROGRESS_ENV = "TFHUB_DOWNLOAD_PROGRESS"
+DISABLE_CERT_VALIDATION_ENV = "TFHUB_DISABLE_CERT_VALIDATION"  # only "true" counts
+
+# hubfast's own.
+OFFLINE_ENV = "HUBFAST_OFFLINE"
+CACHE_LAYERS_ENV = "HUBFAST_CACHE_LAYERS"  # read-only cache roots, os.pathsep-separated
+LOCK_TIMEOUT_ENV = "HUBFAST_LOCK_TIMEOUT"  # seconds; unset: wait as long as the writer lives
+FSYNC_ENV = "HUBFAST_FSYNC"
+CONNECTIONS_ENV = "HUBFAST_CONNECTIONS"
+CONNECT_TIMEOUT_ENV = "HUBFAST_CONNECT_TIMEOUT"
+STALL_TIMEOUT_ENV = "HUBFAST_STALL_TIMEOUT"
+MAX_RETRIES_ENV = "HUBFAST_MAX_RETRIES"
+MAX_EXTRACT_BYTES_ENV = "HUBFAST_MAX_EXTRACT_BYTES"
+MAX_MEMBERS_ENV = "HUBFAST_MAX_MEMBERS"
+PINS_ENV = "HUBFAST_PINS"  # file of "<handle> <sha256>" lines
+MIRRORS_ENV = "HUBFAST_MIRRORS"  # "prefix=replacement" pairs, comma-separated
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _float(name: str, default: Optional[float]) -> Optional[float]:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+def _int(name: str, default: int) -> int:
+    value = _float(name, float(default))
+    return int(value) if value is not None else default
+
+
+def _absl_cache_dir() -> Optional[str]:
+    """tensorflow_hub's --tfhub_cache_dir flag, when absl parsed it."""
+    flags_mod = sys.modules.get("absl.flags")
+    if flags_mod is None:
+        return None
+    flags = flags_mod.FLAGS
+    try:
+        if flags.is_parsed() and "tfhub_cache_dir" in flags:
+            return flags["tfhub_cache_dir"].value or None
+    except Exception:  # absl raises on unparsed access in some versions
+        return None
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    cache_dir: str
+    cache_layers: tuple
+    offline: bool
+    load_format: str
+    show_progress: bool
+    verify_tls: bool
+    lock_timeout: float
+    fsync: bool
+    connections: int
+    connect_timeout: float
+    stall_timeout: float
+    max_retries: int
+    max_extract_bytes: int
+    max_members: int
+    pins_file: Optional[str]
+    mirrors: tuple
+
+
+def cache_dir() -> str:
+    """The writable cache root: TFHUB_CACHE_DIR, --tfhub_cache_dir, else $TMPDIR/tfhub_modules."""
+    return (os.environ.get(CACHE_DIR_ENV) or _absl_cache_dir()
+            or os.path.join(tempfile.gettempdir(), "tfhub_modules"))
+
+
+def _mirrors() -> tuple:
+    pairs = []
+    for item in os.environ.get(MIRRORS_ENV, "").split(","):
+        if "=" in item:
+            src, dst = item.split("=", 1)
+            pairs.append((src.strip(), dst.strip()))
+    return tuple(pairs)
+
+
+def settings() -> Settings:
+    layers = tuple(p for p in os.environ.get(CACHE_LAYERS_ENV, "").split(os.pathsep) if p)
+    return Settings(
+        cache_dir=cache_dir(),
+        cache_layers=layers,
+        offline=_flag(OFFLINE_ENV),
+        load_format=os.environ.get(LOAD_FORMAT_ENV, "COMPRESSED").upper() or "COMPRESSED",
+        show_progress=bool(os.environ.get(DOWNLOAD_PROGRESS_ENV)),
+        verify_tls=os.environ.get(DISABLE_CERT_VALIDATION_ENV) != "true",
+        lock_timeout=_float(LOCK_TIMEOUT_ENV, -1.0),
+        fsync=_flag(FSYNC_ENV),
+        connections=_int(CONNECTIONS_ENV, 4),
+        connect_timeout=_float(CONNECT_TIMEOUT_ENV, 30.0),
+        stall_timeout=_float(STALL_TIMEOUT_ENV, 30.0),
+        max_retries=_int(MAX_RETRIES_ENV, 5),
+        max_extract_bytes=_int(MAX_EXTRACT_BYTES_ENV, 64 << 30),
+        max_members=_int(MAX_MEMBERS_ENV, 1_000_000),
+        pins_file=os.environ.get(PINS_ENV) or None,
+        mirrors=_mirrors(),
+    )

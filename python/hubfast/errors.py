@@ -1,0 +1,169 @@
+"""hubfast's exceptions: one class per cause.
+
+Each class also derives from what tensorflow_hub raised in the same situation
+(``OSError``, ``ValueError``, ``urllib.error.URLError``/``HTTPError``), so
+existing ``except`` clauses keep working. No name shadows a builtin.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import urllib.error
+
+__all__ = [
+    "HubfastError",
+    "NotFoundError",
+    "NetworkError",
+    "HTTPStatusError",
+    "IntegrityError",
+    "UnsafeArchiveError",
+    "ArchiveLimitError",
+    "DiskFullError",
+    "AccessDeniedError",
+    "DownloadTimeoutError",
+    "LockTimeoutError",
+    "OfflineError",
+]
+
+
+class HubfastError(Exception):
+    """Base class of every error hubfast raises."""
+
+
+class NotFoundError(HubfastError, FileNotFoundError):
+    """The handle, file or URL does not exist (local path, HTTP 404/410)."""
+
+    def __init__(self, message: str, code: int = _errno.ENOENT) -> None:
+        FileNotFoundError.__init__(self, code, message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class NetworkError(HubfastError, urllib.error.URLError):
+    """The download failed: connection refused or reset, retries exhausted."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        urllib.error.URLError.__init__(self, message)
+        self.args = (message,)
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class HTTPStatusError(NetworkError, urllib.error.HTTPError):
+    """The server answered with an error status (``code``) that retrying won't fix."""
+
+    def __init__(self, message: str, code: int = 0, url: str = "") -> None:
+        # urllib's HTTPError derives `reason` from `msg`; set fields directly.
+        self.msg = message
+        self.code = code
+        self.hdrs = None  # type: ignore[assignment]
+        self.fp = None
+        self.filename = url
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class IntegrityError(HubfastError, OSError):
+    """The archive is corrupt or truncated, or a digest/length does not match.
+
+    Nothing was cached; fetching again usually helps when the cause was the
+    network. Persistent failures mean the published archive itself is bad.
+    """
+
+    def __init__(self, message: str, code: int = _errno.EIO) -> None:
+        OSError.__init__(self, code, message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class UnsafeArchiveError(HubfastError, ValueError):
+    """The archive holds a member that could escape the target, or a link, device or FIFO."""
+
+
+class ArchiveLimitError(UnsafeArchiveError):
+    """The archive exceeds a configured limit (size, members, path or header length)."""
+
+
+class DiskFullError(HubfastError, OSError):
+    """No space left where the cache lives. Free space or set TFHUB_CACHE_DIR elsewhere."""
+
+    def __init__(self, message: str, code: int = _errno.ENOSPC) -> None:
+        OSError.__init__(self, code, message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class AccessDeniedError(HubfastError, PermissionError):
+    """Permission denied: on the cache directory, or by the server (HTTP 401/403)."""
+
+    def __init__(self, message: str, code: int = _errno.EACCES) -> None:
+        PermissionError.__init__(self, code, message)
+        self.args = (message,)
+        self.http_status = code if code >= 100 else None
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class DownloadTimeoutError(NetworkError, TimeoutError):
+    """The server stalled or could not be reached within the configured timeouts."""
+
+
+class LockTimeoutError(HubfastError, TimeoutError):
+    """Waiting for another process that downloads the same entry took too long."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        TimeoutError.__init__(self, message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class OfflineError(NotFoundError):
+    """HUBFAST_OFFLINE is set and no cache layer holds the handle."""
+
+
+def _from_native(kind: str, message: str, code: int) -> BaseException:
+    """Builds the exception for an error of the native core (called by _core)."""
+    if kind == "cancelled":
+        return KeyboardInterrupt(message)
+    if kind == "not_found":
+        return NotFoundError(message, code or _errno.ENOENT)
+    if kind == "network":
+        return NetworkError(message, code)
+    if kind == "http":
+        return HTTPStatusError(message, code)
+    if kind == "integrity":
+        return IntegrityError(message)
+    if kind == "unsafe_archive":
+        return UnsafeArchiveError(message)
+    if kind == "limit":
+        return ArchiveLimitError(message)
+    if kind == "disk_full":
+        return DiskFullError(message, code or _errno.ENOSPC)
+    if kind == "access_denied":
+        return AccessDeniedError(message, code or _errno.EACCES)
+    if kind == "timeout":
+        return DownloadTimeoutError(message, code)
+    if kind == "lock":
+        return LockTimeoutError(message)
+    if kind == "invalid":
+        return ValueError(message)
+    return OSError(code or _errno.EIO, message)
+
+
+def with_context(exc: BaseException, context: str) -> BaseException:
+    """Returns ``exc`` with ``context`` (the handle) prefixed to its message."""
+    if isinstance(exc, HubfastError) and exc.args and context not in str(exc.args[0]):
+        exc.args = (f"{context}: {exc.args[0]}",) + tuple(exc.args[1:])
+    return exc
