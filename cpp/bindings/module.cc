@@ -6,10 +6,13 @@
 
 #include <fcntl.h>
 
+#include <algorithm>
+
 #include "hubfast/cache.h"
 #include "hubfast/decode.h"
 #include "hubfast/error.h"
 #include "hubfast/fetch.h"
+#include "hubfast/lock.h"
 #include "hubfast/pipeline.h"
 
 namespace py = pybind11;
@@ -127,6 +130,13 @@ SourceFactory source_factory(const std::string& path, const std::string& url, co
   return [path] { return make_file_source(path); };
 }
 
+LockMode parse_lock_mode(const std::string& s) {
+  if (s == "auto" || s.empty()) return LockMode::kAuto;
+  if (s == "flock") return LockMode::kFlock;
+  if (s == "heartbeat") return LockMode::kHeartbeat;
+  throw Error(ErrorKind::kInvalid, "lock mode must be auto, flock or heartbeat, not '" + s + "'");
+}
+
 py::dict stats_dict(const ExtractStats& s) {
   py::dict d;
   d["compression"] = compression_name(s.compression);
@@ -194,13 +204,18 @@ PYBIND11_MODULE(_core, m) {
       "ensure_entry",
       [](const std::string& root, const std::string& name, const std::string& handle,
          const std::string& path, const std::string& url, py::dict fetch, const std::string& sha256,
-         py::dict limits, double lock_timeout, bool fsync, py::object progress) {
+         py::dict limits, double lock_timeout, bool fsync, const std::string& lock_mode,
+         double heartbeat_stale, double tfhub_stale, py::object progress) {
         EntryRequest req;
         req.root = root;
         req.name = name;
         req.handle = handle;
         req.lock_timeout = lock_timeout;
         req.fsync = fsync;
+        req.lock_mode = parse_lock_mode(lock_mode);
+        req.heartbeat.stale = heartbeat_stale;
+        req.heartbeat.beat = std::min(0.25, heartbeat_stale / 4);
+        req.tfhub_stale = tfhub_stale;
         req.extract = extract_options(limits, sha256, true);
         SourceFactory make = source_factory(path, url, fetch);
         EntryResult r = run_released(progress, [&](const PollFn& poll) { return ensure_entry(req, make, poll); });
@@ -216,6 +231,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("root"), py::arg("name"), py::arg("handle"), py::kw_only(), py::arg("path") = "",
       py::arg("url") = "", py::arg("fetch") = py::dict(), py::arg("sha256") = "",
       py::arg("limits") = py::dict(), py::arg("lock_timeout") = -1.0, py::arg("fsync") = false,
+      py::arg("lock_mode") = "auto", py::arg("heartbeat_stale") = 1.5, py::arg("tfhub_stale") = 600.0,
       py::arg("progress") = py::none(),
       "Returns the cache entry <root>/<name>, extracting it first when needed.");
 
@@ -227,12 +243,20 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("root"), py::arg("name"), "Warm lookup: (state, path, reason).");
 
+  m.def("lock_path", &lock_path, py::arg("root"), py::arg("name"));
+  m.def("use_lock_path", &use_lock_path, py::arg("root"), py::arg("name"));
+  m.def("manifest_path", &manifest_path, py::arg("root"), py::arg("name"));
+  m.def(
+      "lock_mode_for", [](const std::string& dir) { return lock_mode_name(detect_lock_mode(dir)); },
+      py::arg("dir"), "The lock mode 'auto' picks for a directory: flock or heartbeat.");
+
   py::class_<FileLock>(m, "FileLock", "A flock on a lock file that is never deleted.")
       .def_static(
           "acquire",
           [](const std::string& path, bool exclusive, double timeout) {
             return run_released(py::none(), [&](const PollFn& poll) {
-              return FileLock::acquire(path, exclusive, timeout, [&] { poll(Progress{}); });
+              WaitPoll wait_poll = [&] { poll(Progress{}); };
+              return FileLock::acquire(path, exclusive, timeout, wait_poll);
             });
           },
           py::arg("path"), py::arg("exclusive") = true, py::arg("timeout") = -1.0)

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <fstream>
 #include <random>
@@ -18,6 +19,7 @@
 
 #include "hubfast/error.h"
 #include "hubfast/extract.h"
+#include "hubfast/tfhub_lock.h"
 
 namespace hubfast {
 namespace {
@@ -160,14 +162,6 @@ void write_file_atomic(int root_fd, const std::string& name, const std::string& 
   }
 }
 
-std::string random_hex(size_t n) {
-  static thread_local std::mt19937_64 rng{std::random_device{}()};
-  static const char* kHex = "0123456789abcdef";
-  std::string s;
-  for (size_t i = 0; i < n; ++i) s.push_back(kHex[rng() & 15]);
-  return s;
-}
-
 std::string descriptor(const std::string& handle) {
   // tensorflow_hub's format, so either library can read the other's.
   auto now = std::chrono::system_clock::now();
@@ -217,25 +211,45 @@ Fd open_root(const std::string& root) {
   return Fd(fd);
 }
 
-// Removes temp directories of this entry left by dead hubfast writers. Only
-// called while holding the entry's write lock, so no live writer exists.
-void remove_dead_temps(int root_fd, const std::string& name) {
+// Removes what dead hubfast writers of this entry left: temp dirs (in flock
+// mode every one, as we hold the writers' lock; in heartbeat mode those not
+// refreshed for `stale` s) and replaced trees once no reader uses the entry.
+void remove_dead_temps(int root_fd, const std::string& root, const std::string& name, LockMode mode,
+                       double stale) {
   int dup = ::fcntl(root_fd, F_DUPFD_CLOEXEC, 0);
   DIR* d = ::fdopendir(dup);
   if (!d) {
     ::close(dup);
     return;
   }
+  auto ends_with = [](const std::string& n, const char* suf) {
+    size_t k = std::strlen(suf);
+    return n.size() > k && n.compare(n.size() - k, k, suf) == 0;
+  };
   std::string prefix = name + ".hf";
-  std::vector<std::string> dead;
+  std::vector<std::string> temps, olds;
   while (dirent* e = ::readdir(d)) {
     std::string n = e->d_name;
-    if (n.compare(0, prefix.size(), prefix) == 0 && n.size() > 4 && n.compare(n.size() - 4, 4, ".tmp") == 0)
-      dead.push_back(n);
+    if (n.compare(0, prefix.size(), prefix) != 0) continue;
+    if (ends_with(n, ".tmp")) temps.push_back(n);
+    if (ends_with(n, ".old")) olds.push_back(n);
   }
   ::closedir(d);
-  for (auto& n : dead) remove_tree_at(root_fd, n);
+  for (auto& n : temps) {
+    struct stat st;
+    if (mode == LockMode::kHeartbeat &&
+        (::fstatat(root_fd, n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || ::time(nullptr) - st.st_mtime <= stale))
+      continue;
+    remove_tree_at(root_fd, n);
+  }
+  if (!olds.empty()) {
+    FileLock unused = FileLock::try_acquire(use_lock_path(root, name), true);
+    if (unused.held())
+      for (auto& n : olds) remove_tree_at(root_fd, n);
+  }
 }
+
+bool usable(const Lookup& l) { return l.state == EntryState::kComplete || l.state == EntryState::kForeign; }
 
 }  // namespace
 
@@ -255,6 +269,10 @@ std::string manifest_path(const std::string& root, const std::string& name) {
 
 std::string lock_path(const std::string& root, const std::string& name) {
   return join(root, name + ".hubfast.lock");
+}
+
+std::string use_lock_path(const std::string& root, const std::string& name) {
+  return join(root, name + ".hubfast.use");
 }
 
 Lookup lookup_entry(const std::string& root, const std::string& name) {
@@ -293,61 +311,36 @@ Lookup lookup_entry(const std::string& root, const std::string& name) {
   return r;
 }
 
-FileLock FileLock::try_acquire(const std::string& path, bool exclusive) {
-  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
-  if (fd < 0) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw_errno("cannot open lock file '" + path + "'", errno);
-  Fd guard(fd);
-  if (::flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0) return FileLock(std::move(guard));
-  if (errno != EWOULDBLOCK) throw_errno("cannot lock '" + path + "'", errno);
-  return FileLock();
-}
-
-FileLock FileLock::acquire(const std::string& path, bool exclusive, double timeout,
-                           const std::function<void()>& poll) {
-  auto start = Clock::now();
-  auto last_poll = start;
-  int sleep_ms = 1;
-  for (;;) {
-    FileLock l = try_acquire(path, exclusive);
-    if (l.held()) return l;
-    double waited = std::chrono::duration<double>(Clock::now() - start).count();
-    if (timeout >= 0 && waited >= timeout)
-      throw Error(ErrorKind::kLock, "timed out after " + std::to_string(int(waited)) +
-                                        " s waiting for the lock '" + path +
-                                        "' (another process is downloading this entry)");
-    // Short sleeps: a waiter sees the release (or the holder's death, which
-    // the kernel turns into a release) within ~10 ms.
-    std::this_thread::sleep_for(std::chrono::milliseconds(sleep_ms));
-    sleep_ms = std::min(sleep_ms * 2, 10);
-    if (poll && std::chrono::duration<double>(Clock::now() - last_poll).count() >= 0.1) {
-      last_poll = Clock::now();
-      poll();
-    }
-  }
-}
-
 EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_source, const PollFn& poll) {
   EntryResult res;
   Lookup l = lookup_entry(req.root, req.name);
   res.path = l.path;
-  if (l.state == EntryState::kComplete || l.state == EntryState::kForeign) return res;
+  if (usable(l)) return res;
 
   Fd root = open_root(req.root);
   auto t_lock = Clock::now();
-  std::function<void()> lock_poll;
-  if (poll) lock_poll = [&] { poll(Progress{}); };
-  FileLock lock = FileLock::acquire(lock_path(req.root, req.name), true, req.lock_timeout, lock_poll);
-  res.lock_wait = std::chrono::duration<double>(Clock::now() - t_lock).count();
+  WaitPoll wait_poll;
+  if (poll) wait_poll = [&] { poll(Progress{}); };
+  EntryLock lock = EntryLock::acquire(req.root, req.name, req.lock_mode, req.lock_timeout, wait_poll, req.heartbeat);
 
   // Somebody may have finished while we waited.
   l = lookup_entry(req.root, req.name);
-  if (l.state == EntryState::kComplete || l.state == EntryState::kForeign) return res;
+  if (usable(l)) return res;
 
-  remove_dead_temps(root.get(), req.name);
-  std::string temp = req.name + ".hf" + random_hex(30) + ".tmp";
+  // tensorflow_hub's lock too, named after our temp dir so that its waiters
+  // see the download progress; it may publish the entry while we wait.
+  std::string token = "hf" + random_token(30);
+  TfhubLock tflock = TfhubLock::acquire(req.root, req.name, token, req.lock_timeout, req.tfhub_stale, wait_poll,
+                                        [&] { return usable(lookup_entry(req.root, req.name)); });
+  res.lock_wait = std::chrono::duration<double>(Clock::now() - t_lock).count();
+  l = lookup_entry(req.root, req.name);
+  if (!tflock.held() || usable(l)) return res;
+
+  remove_dead_temps(root.get(), req.root, req.name, lock.mode(), req.heartbeat.stale);
+  std::string temp = req.name + "." + token + ".tmp";
   if (::mkdirat(root.get(), temp.c_str(), 0755) != 0)
     throw_errno("cannot create a temp directory in '" + req.root + "'", errno);
+  lock.touch_too(join(req.root, temp));
   try {
     Fd tdir(::openat(root.get(), temp.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
     if (!tdir) throw_errno("cannot open '" + temp + "'", errno);
@@ -372,7 +365,15 @@ EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_sour
         throw_errno("cannot replace the broken entry '" + l.path + "'", errno);
       write_file_atomic(root.get(), manifest_name, o.str());
       res.repaired = true;
-      remove_tree_at(root.get(), temp);  // the broken tree now lives there
+      // The broken tree now lives at `temp`. A reader may still use it: then
+      // it waits as <name>.<token>.old for a later writer to remove it.
+      FileLock unused = FileLock::try_acquire(use_lock_path(req.root, req.name), true);
+      if (unused.held()) {
+        remove_tree_at(root.get(), temp);
+      } else {
+        std::string old = req.name + "." + token + ".old";
+        if (::renameat(root.get(), temp.c_str(), root.get(), old.c_str()) != 0) remove_tree_at(root.get(), temp);
+      }
     } else {
       write_file_atomic(root.get(), manifest_name, o.str());
       if (::renameat(root.get(), temp.c_str(), root.get(), req.name.c_str()) != 0) {

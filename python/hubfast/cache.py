@@ -50,8 +50,8 @@ class Entry:
             yield self.path
             return
         try:
-            lock = _core.FileLock.acquire(use_lock_path(self.root, self.name), exclusive=False,
-                                          timeout=60.0)
+            lock = _core.FileLock.acquire(_core.use_lock_path(self.root, self.name),
+                                          exclusive=False, timeout=60.0)
         except errors.AccessDeniedError:
             # A read-only layer: nobody can modify it through hubfast anyway.
             yield self.path
@@ -60,10 +60,6 @@ class Entry:
             yield self.path
         finally:
             lock.release()
-
-
-def use_lock_path(root: str, name: str) -> str:
-    return os.path.join(root, name + ".hubfast.use")
 
 
 def _lookup(handle: str, name: str, s: config.Settings) -> Optional[Entry]:
@@ -99,7 +95,9 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
     try:
         result = _core.ensure_entry(s.cache_dir, name, handle, path=path, url=url,
                                     fetch=fetch or {}, sha256=sha256, limits=limits,
-                                    lock_timeout=s.lock_timeout, fsync=s.fsync, progress=bar)
+                                    lock_timeout=s.lock_timeout, fsync=s.fsync,
+                                    lock_mode=s.lock_mode, heartbeat_stale=s.heartbeat_stale,
+                                    tfhub_stale=s.tfhub_lock_stale, progress=bar)
     except errors.HubfastError as e:
         raise errors.with_context(e, handle)
     finally:

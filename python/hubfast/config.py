@@ -22,6 +22,9 @@ OFFLINE_ENV = "HUBFAST_OFFLINE"
 CACHE_LAYERS_ENV = "HUBFAST_CACHE_LAYERS"  # read-only cache roots, os.pathsep-separated
 LOCK_TIMEOUT_ENV = "HUBFAST_LOCK_TIMEOUT"  # seconds; unset: wait as long as the writer lives
 FSYNC_ENV = "HUBFAST_FSYNC"
+LOCK_MODE_ENV = "HUBFAST_LOCK_MODE"  # auto | flock | heartbeat
+HEARTBEAT_STALE_ENV = "HUBFAST_HEARTBEAT_STALE"  # s before a heartbeat lock is taken over
+TFHUB_LOCK_STALE_ENV = "HUBFAST_TFHUB_LOCK_STALE"  # s; tensorflow_hub's own rule is 600
 CONNECTIONS_ENV = "HUBFAST_CONNECTIONS"
 CONNECT_TIMEOUT_ENV = "HUBFAST_CONNECT_TIMEOUT"
 STALL_TIMEOUT_ENV = "HUBFAST_STALL_TIMEOUT"
@@ -74,6 +77,9 @@ class Settings:
     show_progress: bool
     verify_tls: bool
     lock_timeout: float
+    lock_mode: str
+    heartbeat_stale: float
+    tfhub_lock_stale: float
     fsync: bool
     connections: int
     connect_timeout: float
@@ -110,6 +116,9 @@ def settings() -> Settings:
         show_progress=bool(os.environ.get(DOWNLOAD_PROGRESS_ENV)),
         verify_tls=os.environ.get(DISABLE_CERT_VALIDATION_ENV) != "true",
         lock_timeout=_float(LOCK_TIMEOUT_ENV, -1.0),
+        lock_mode=os.environ.get(LOCK_MODE_ENV, "auto").strip().lower() or "auto",
+        heartbeat_stale=_float(HEARTBEAT_STALE_ENV, 1.5),
+        tfhub_lock_stale=_float(TFHUB_LOCK_STALE_ENV, 600.0),
         fsync=_flag(FSYNC_ENV),
         connections=_int(CONNECTIONS_ENV, 4),
         connect_timeout=_float(CONNECT_TIMEOUT_ENV, 30.0),

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "hubfast/fd.h"
+#include "hubfast/lock.h"
 #include "hubfast/pipeline.h"
 
 namespace hubfast {
@@ -27,30 +28,13 @@ struct Lookup {
 // matching manifest (tensorflow_hub wrote it): usable as it is.
 Lookup lookup_entry(const std::string& root, const std::string& name);
 
-// A flock on <path>, on a file that is never deleted. Waits by polling
-// with a short interval so that timeouts and cancellation are honoured.
-class FileLock {
- public:
-  // mode: exclusive or shared. timeout < 0: wait forever. Throws kLock on
-  // timeout, kCancelled through `poll` (called between attempts).
-  static FileLock acquire(const std::string& path, bool exclusive,
-                          double timeout, const std::function<void()>& poll);
-  static FileLock try_acquire(const std::string& path, bool exclusive);
-  FileLock() = default;
-  FileLock(FileLock&&) = default;
-  FileLock& operator=(FileLock&&) = default;
-  bool held() const { return bool(fd_); }
-  void release() { fd_.reset(); }
-
- private:
-  explicit FileLock(Fd fd) : fd_(std::move(fd)) {}
-  Fd fd_;
-};
-
 struct EntryRequest {
   std::string root, name, handle;
   double lock_timeout = -1;
   bool fsync = false;
+  LockMode lock_mode = LockMode::kAuto;
+  HeartbeatTiming heartbeat;
+  double tfhub_stale = 600;  // s: a remote tensorflow_hub lock unchanged this long is stale
   ExtractOptions extract;
 };
 
@@ -73,5 +57,8 @@ EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_sour
 // The manifest path of an entry and the lock file guarding its writers.
 std::string manifest_path(const std::string& root, const std::string& name);
 std::string lock_path(const std::string& root, const std::string& name);
+// Readers (load) hold this shared; whoever deletes an entry's files takes it
+// exclusively and without waiting, skipping the entry when it is in use.
+std::string use_lock_path(const std::string& root, const std::string& name);
 
 }  // namespace hubfast

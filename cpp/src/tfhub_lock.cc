@@ -1,0 +1,137 @@
+#include "hubfast/tfhub_lock.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <dirent.h>
+
+#include <cerrno>
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "hubfast/error.h"
+#include "hubfast/extract.h"
+
+namespace hubfast {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string read_small(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+struct Owner {
+  std::string host, task_uid;
+  long pid = -1;
+};
+
+// "<hostname>.<pid>.<uid>": the hostname may itself hold dots.
+bool parse_owner(const std::string& content, Owner* o) {
+  size_t b = content.rfind('.');
+  if (b == std::string::npos || b == 0) return false;
+  size_t a = content.rfind('.', b - 1);
+  if (a == std::string::npos) return false;
+  o->host = content.substr(0, a);
+  o->task_uid = content.substr(b + 1);
+  try {
+    o->pid = std::stol(content.substr(a + 1, b - a - 1));
+  } catch (...) {
+    return false;
+  }
+  return true;
+}
+
+// Bytes under a directory (tensorflow_hub's sign that a download progresses).
+uint64_t tree_bytes(const std::string& path, int depth = 0) {
+  uint64_t total = 0;
+  if (depth > 16) return 0;
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) return 0;
+  if (!S_ISDIR(st.st_mode)) return uint64_t(st.st_size);
+  if (DIR* d = ::opendir(path.c_str())) {
+    while (dirent* e = ::readdir(d)) {
+      std::string n = e->d_name;
+      if (n != "." && n != "..") total += tree_bytes(path + "/" + n, depth + 1);
+    }
+    ::closedir(d);
+  }
+  return total;
+}
+
+}  // namespace
+
+void TfhubLock::release() {
+  if (path_.empty()) return;
+  if (read_small(path_) == content_) ::unlink(path_.c_str());
+  path_.clear();
+}
+
+TfhubLock TfhubLock::acquire(const std::string& root, const std::string& name, const std::string& task_uid,
+                             double timeout, double remote_stale, const WaitPoll& poll,
+                             const std::function<bool()>& ready) {
+  std::string path = root + "/" + name + ".lock";
+  std::string content = host_name() + "." + std::to_string(::getpid()) + "." + task_uid;
+  auto start = Clock::now();
+  std::string seen_content;
+  uint64_t seen_bytes = 0;
+  auto seen_change = Clock::now();
+  auto last_poll = Clock::now();
+  for (;;) {
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      Fd guard(fd);
+      if (::write(fd, content.data(), content.size()) != ssize_t(content.size()))
+        throw_errno("cannot write '" + path + "'", errno);
+      TfhubLock l;
+      l.path_ = path;
+      l.content_ = content;
+      return l;
+    }
+    if (errno != EEXIST) throw_errno("cannot create '" + path + "'", errno);
+    if (ready && ready()) return TfhubLock();
+
+    std::string cur = read_small(path);
+    Owner o;
+    bool parsed = parse_owner(cur, &o);
+    std::string their_tmp = parsed ? root + "/" + name + "." + o.task_uid + ".tmp" : "";
+    bool stale = false;
+    if (parsed && o.host == host_name() && !pid_alive(o.pid)) {
+      stale = true;  // its owner died on this host: no need to wait 600 s
+    } else {
+      uint64_t bytes = parsed ? tree_bytes(their_tmp) : 0;
+      if (cur != seen_content || bytes != seen_bytes) {
+        seen_content = cur;
+        seen_bytes = bytes;
+        seen_change = Clock::now();
+      } else if (std::chrono::duration<double>(Clock::now() - seen_change).count() > remote_stale) {
+        stale = true;  // tensorflow_hub's own rule: unchanged for too long
+      }
+    }
+    if (stale) {
+      if (read_small(path) == cur) ::unlink(path.c_str());
+      if (parsed && !o.task_uid.empty() && o.task_uid.find('/') == std::string::npos) {
+        Fd rootfd(::open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+        if (rootfd) remove_tree_at(rootfd.get(), name + "." + o.task_uid + ".tmp");
+      }
+      continue;
+    }
+    double waited = std::chrono::duration<double>(Clock::now() - start).count();
+    if (timeout >= 0 && waited >= timeout)
+      throw Error(ErrorKind::kLock, "timed out after " + std::to_string(int(waited)) +
+                                        " s waiting for tensorflow_hub's lock '" + path + "' (held by " + cur + ")");
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    if (poll && std::chrono::duration<double>(Clock::now() - last_poll).count() >= 0.1) {
+      last_poll = Clock::now();
+      poll();
+    }
+  }
+}
+
+}  // namespace hubfast
