@@ -14,6 +14,8 @@ __all__ = [
     "NotFoundError",
     "NetworkError",
     "HTTPStatusError",
+    "HTTPNotFoundError",
+    "HTTPAccessDeniedError",
     "IntegrityError",
     "UnsafeArchiveError",
     "ArchiveLimitError",
@@ -129,6 +131,25 @@ class LockTimeoutError(HubfastError, TimeoutError):
         return self.args[0]
 
 
+class HTTPNotFoundError(NotFoundError, HTTPStatusError):
+    """HTTP 404/410: the handle or version does not exist on the server."""
+
+    def __init__(self, message: str, code: int = 404) -> None:
+        HTTPStatusError.__init__(self, message, code)
+        self.errno = _errno.ENOENT
+        self.strerror = message
+
+
+class HTTPAccessDeniedError(AccessDeniedError, HTTPStatusError):
+    """HTTP 401/403: credentials missing or not accepted."""
+
+    def __init__(self, message: str, code: int = 403) -> None:
+        HTTPStatusError.__init__(self, message, code)
+        self.errno = _errno.EACCES
+        self.strerror = message
+        self.http_status = code
+
+
 class OfflineError(NotFoundError):
     """HUBFAST_OFFLINE is set and no cache layer holds the handle."""
 
@@ -138,7 +159,8 @@ def _from_native(kind: str, message: str, code: int) -> BaseException:
     if kind == "cancelled":
         return KeyboardInterrupt(message)
     if kind == "not_found":
-        return NotFoundError(message, code or _errno.ENOENT)
+        return HTTPNotFoundError(message, code) if code >= 100 else NotFoundError(
+            message, code or _errno.ENOENT)
     if kind == "network":
         return NetworkError(message, code)
     if kind == "http":
@@ -152,7 +174,8 @@ def _from_native(kind: str, message: str, code: int) -> BaseException:
     if kind == "disk_full":
         return DiskFullError(message, code or _errno.ENOSPC)
     if kind == "access_denied":
-        return AccessDeniedError(message, code or _errno.EACCES)
+        return HTTPAccessDeniedError(message, code) if code >= 100 else AccessDeniedError(
+            message, code or _errno.EACCES)
     if kind == "timeout":
         return DownloadTimeoutError(message, code)
     if kind == "lock":

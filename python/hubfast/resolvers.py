@@ -81,6 +81,41 @@ class LocalArchiveResolver(Resolver):
         return cache.fetch_entry(handle, path=path, name=name)
 
 
+def with_query(url: str, key: str, value: str) -> str:
+    """Appends key=value to the URL's query, keeping what is there (tensorflow_hub's way)."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, v) for k, v in query if k != key] + [(key, value)]
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
+class HttpCompressedResolver(Resolver):
+    """``http(s)://`` handles, fetched as a compressed tarball.
+
+    tensorflow_hub appends ``tf-hub-format=compressed``; a URL that already
+    names an archive (``.tar.gz``, ``.tar.zst``...) is fetched as it is, so
+    presigned URLs keep their signature.
+    """
+
+    def is_supported(self, handle: str) -> bool:
+        from . import config
+
+        if not handle.lower().startswith(("http://", "https://")):
+            return False
+        return config.settings().load_format != "UNCOMPRESSED"
+
+    def archive_url(self, handle: str) -> str:
+        if is_archive_name(urllib.parse.urlsplit(handle).path):
+            return handle
+        return with_query(handle, "tf-hub-format", "compressed")
+
+    def resolve_entry(self, handle: str) -> cache.Entry:
+        from . import http
+
+        url = self.archive_url(handle)
+        return cache.fetch_entry(handle, url=url, fetch=http.fetch_options(url))
+
+
 class PathResolver(Resolver):
     """Anything else is a local directory, used in place (tensorflow_hub's last resort)."""
 
@@ -97,7 +132,7 @@ class PathResolver(Resolver):
 
 
 _lock = threading.Lock()
-_resolvers: List[Resolver] = [LocalArchiveResolver(), PathResolver()]
+_resolvers: List[Resolver] = [HttpCompressedResolver(), LocalArchiveResolver(), PathResolver()]
 
 
 def register_resolver(resolver) -> None:
