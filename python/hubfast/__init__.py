@@ -13,12 +13,14 @@ from .errors import (AccessDeniedError, ArchiveLimitError, DiskFullError, Downlo
                      HTTPStatusError, HubfastError, IntegrityError, LockTimeoutError,
                      NetworkError, NotFoundError, OfflineError, UnsafeArchiveError)
 from .loading import load, resolve
+from .prefetch import Prefetch, prefetch
+from .tfhub_compat import install
 from .resolvers import Resolver, register_resolver
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "resolve", "KerasLayer", "register_resolver", "Resolver", "last_stats", "errors",
+    "load", "resolve", "prefetch", "Prefetch", "install", "KerasLayer", "register_resolver", "Resolver", "last_stats", "errors",
     "HubfastError", "NotFoundError", "NetworkError", "HTTPStatusError", "IntegrityError",
     "UnsafeArchiveError", "ArchiveLimitError", "DiskFullError", "AccessDeniedError",
     "DownloadTimeoutError", "LockTimeoutError", "OfflineError", "__version__",

@@ -15,6 +15,27 @@ from . import _core
 logger = logging.getLogger("hubfast")
 
 _stats_lock = threading.Lock()
+_thread = threading.local()  # per-thread cancel event (set by prefetch threads)
+
+
+def set_cancel_event(event: Optional[threading.Event]) -> None:
+    """Makes fetches on this thread stop when `event` is set (signals reach only
+    the main thread, so background fetches are cancelled this way)."""
+    _thread.cancel = event
+
+
+def _with_cancel(bar):
+    event = getattr(_thread, "cancel", None)
+    if event is None:
+        return bar
+
+    def poll(bytes_in: int, total_in: int, bytes_out: int) -> None:
+        if event.is_set():
+            raise KeyboardInterrupt("prefetch cancelled")
+        if bar is not None:
+            bar(bytes_in, total_in, bytes_out)
+
+    return poll
 _last_stats: Dict[str, Any] = {}
 
 
@@ -97,7 +118,7 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
                                     fetch=fetch or {}, sha256=sha256, limits=limits,
                                     lock_timeout=s.lock_timeout, fsync=s.fsync,
                                     lock_mode=s.lock_mode, heartbeat_stale=s.heartbeat_stale,
-                                    tfhub_stale=s.tfhub_lock_stale, progress=bar)
+                                    tfhub_stale=s.tfhub_lock_stale, progress=_with_cancel(bar))
     except errors.HubfastError as e:
         raise errors.with_context(e, handle)
     finally:

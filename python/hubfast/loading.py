@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Optional
 
+import sys
+
+from . import prefetch as _prefetch
 from . import resolvers
 
 TF1_MODULE_PROTO = "tfhub_module.pb"
@@ -17,7 +20,15 @@ def resolve(handle: resolvers.Handle) -> str:
     ``KerasLayer`` additionally hold the entry's use-lock while TensorFlow reads it,
     a bare ``resolve()`` path does not.
     """
-    return resolvers.resolve_entry(handle).path
+    return _resolve_entry(handle).path
+
+
+def _resolve_entry(handle: resolvers.Handle):
+    """Waits for a prefetch of the same handle if one is running."""
+    running = _prefetch.pending(os.fspath(handle)) if isinstance(handle, (str, os.PathLike)) else None
+    if running is not None:
+        return running.entry()
+    return resolvers.resolve_entry(handle)
 
 
 def load(handle: resolvers.Handle, tags: Optional[Iterable[str]] = None,
@@ -33,8 +44,16 @@ def load(handle: resolvers.Handle, tags: Optional[Iterable[str]] = None,
         handle = os.fspath(handle)
     if not isinstance(handle, str):
         raise ValueError(f"Expected a string, got {handle!r}")
-    entry = resolvers.resolve_entry(handle)
-    import tensorflow as tf  # only now: `import hubfast` stays TensorFlow-free
+    if "tensorflow" not in sys.modules:
+        # Cold process: fetch in the background while TensorFlow imports.
+        running = _prefetch.prefetch(handle)
+        import tensorflow as tf  # only now: `import hubfast` stays TensorFlow-free
+
+        entry = running.entry()
+    else:
+        import tensorflow as tf
+
+        entry = _resolve_entry(handle)
 
     with entry.in_use() as path:
         is_hub_module_v1 = os.path.exists(os.path.join(path, TF1_MODULE_PROTO))

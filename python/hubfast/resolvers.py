@@ -150,6 +150,12 @@ def _add_builtin(resolver: Resolver, before: type) -> None:
         _resolvers.insert(idx, resolver)
 
 
+def chain() -> List[Resolver]:
+    """The resolvers in the order they are tried."""
+    with _lock:
+        return list(_resolvers)
+
+
 def resolve_entry(handle: Handle) -> cache.Entry:
     if isinstance(handle, os.PathLike):
         handle = os.fspath(handle)
