@@ -243,6 +243,14 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("root"), py::arg("name"), "Warm lookup: (state, path, reason).");
 
+  m.def(
+      "verify_entry",
+      [](const std::string& root, const std::string& name, bool deep) {
+        py::gil_scoped_release nogil;
+        return verify_entry(root, name, deep);
+      },
+      py::arg("root"), py::arg("name"), py::arg("deep") = false,
+      "Problems found in an entry (empty list: fine): sizes, and with deep=True CRC32s.");
   m.def("lock_path", &lock_path, py::arg("root"), py::arg("name"));
   m.def("use_lock_path", &use_lock_path, py::arg("root"), py::arg("name"));
   m.def("manifest_path", &manifest_path, py::arg("root"), py::arg("name"));

@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "hubfast/digest.h"
 #include "hubfast/error.h"
 #include "hubfast/extract.h"
 #include "hubfast/tfhub_lock.h"
@@ -61,6 +62,8 @@ std::string unescape(const std::string& s) {
 struct ManifestFile {
   std::string path;
   uint64_t size;
+  uint32_t crc32 = 0;
+  bool has_crc = false;
 };
 
 struct Manifest {
@@ -84,13 +87,17 @@ bool read_manifest(const std::string& path, Manifest* m) {
       case 's':
         ls >> m->archive_sha256;
         break;
-      case 'f': {
-        uint64_t size;
-        ls >> size;
+      case 'f': {  // "f <size> <crc32 hex> <path>"
+        ManifestFile f;
+        std::string crc;
+        ls >> f.size >> crc;
         std::string rest;
         std::getline(ls, rest);
         if (!rest.empty() && rest[0] == ' ') rest.erase(0, 1);
-        m->files.push_back({unescape(rest), size});
+        f.path = unescape(rest);
+        f.crc32 = uint32_t(std::stoul(crc, nullptr, 16));
+        f.has_crc = true;
+        m->files.push_back(std::move(f));
         break;
       }
       default:
@@ -349,14 +356,16 @@ EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_sour
     auto t_pub = Clock::now();
     if (req.fsync) fsync_tree(tdir.get());
 
-    Manifest m;
     struct stat st;
     if (::fstat(tdir.get(), &st) != 0) throw_errno("stat", errno);
-    walk(tdir.get(), "", &m.files);
     std::ostringstream o;
     o << kManifestMagic << "\ni " << st.st_dev << " " << st.st_ino << "\n";
     if (!res.stats.sha256.empty()) o << "s " << res.stats.sha256 << "\n";
-    for (auto& f : m.files) o << "f " << f.size << " " << escape(f.path) << "\n";
+    char crc[16];
+    for (auto& [path, f] : res.stats.tree) {
+      std::snprintf(crc, sizeof crc, "%08x", f.crc32);
+      o << "f " << f.size << " " << crc << " " << escape(path) << "\n";
+    }
     std::string manifest_name = req.name + ".hubfast";
 
     if (l.state == EntryState::kBroken) {
@@ -396,6 +405,34 @@ EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_sour
     throw;
   }
   return res;
+}
+
+std::vector<std::string> verify_entry(const std::string& root, const std::string& name, bool deep) {
+  std::vector<std::string> problems;
+  Lookup l = lookup_entry(root, name);
+  if (l.state == EntryState::kBroken) problems.push_back(l.reason);
+  if (l.state != EntryState::kComplete || !deep) return problems;
+  Manifest m;
+  read_manifest(manifest_path(root, name), &m);
+  Fd dir(::open(l.path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  std::vector<uint8_t> buf(1 << 20);
+  for (auto& f : m.files) {
+    if (!f.has_crc) continue;
+    Fd fd(::openat(dir.get(), f.path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+    if (!fd) {
+      problems.push_back("'" + f.path + "' cannot be opened");
+      continue;
+    }
+    uint32_t crc = 0;
+    for (;;) {
+      ssize_t n = ::read(fd.get(), buf.data(), buf.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      crc = crc32_update(crc, buf.data(), size_t(n));
+    }
+    if (crc != f.crc32) problems.push_back("'" + f.path + "' changed content (CRC32 mismatch)");
+  }
+  return problems;
 }
 
 }  // namespace hubfast

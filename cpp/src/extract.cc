@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <vector>
 
+#include "hubfast/digest.h"
 #include "hubfast/error.h"
 
 namespace hubfast {
@@ -81,7 +82,9 @@ void DirWriter::begin_file(const TarMember& m) {
   }
   file_.reset(fd);
   file_path_ = m.path;
-  file_left_ = m.size;
+  file_left_ = file_size_ = m.size;
+  file_crc_ = 0;
+  written_.erase(m.path);
   // Reserve the space up front: ENOSPC now rather than half way through.
   if (m.size >= (1u << 20)) {
     int r = ::posix_fallocate(fd, 0, off_t(m.size));
@@ -92,6 +95,7 @@ void DirWriter::begin_file(const TarMember& m) {
 void DirWriter::file_data(const uint8_t* p, size_t n) {
   if (n > file_left_) throw Error(ErrorKind::kIntegrity, "more data than declared for '" + file_path_ + "'");
   file_left_ -= n;
+  file_crc_ = crc32_update(file_crc_, p, n);
   while (n > 0) {
     ssize_t w = ::write(file_.get(), p, n);
     if (w < 0) {
@@ -108,6 +112,7 @@ void DirWriter::end_file() {
   if (file_left_ != 0) throw Error(ErrorKind::kIntegrity, "member '" + file_path_ + "' is short");
   if (::close(file_.release()) != 0) throw_errno("cannot close '" + file_path_ + "'", errno);
   ++files_;
+  written_[file_path_] = FileInfo{file_size_, file_crc_};
 }
 
 void remove_tree_at(int parent_fd, const std::string& name) {

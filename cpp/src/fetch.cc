@@ -28,6 +28,11 @@
 //    Range and the prefix is skipped).
 //  * The caller's thread checks the total length and x-goog-hash (crc32c,
 //    or md5 when no crc32c is offered) over the bytes in emit order.
+//  * Stalls: libcurl's LOW_SPEED_LIMIT/TIME is set, but it averages over ~5 s
+//    and fires seconds late, so the progress callback also checks the rate
+//    over the last low_speed_time seconds (from the end of connect, and not
+//    counting time the consumer kept us blocked in emit). Waits poll every
+//    100 ms and backoff sleeps in 50 ms slices, so cancellation is prompt.
 #include "hubfast/fetch.h"
 
 #include <curl/curl.h>
@@ -314,6 +319,8 @@ struct Xfer {
   double low_speed_limit = 0;
   std::deque<std::pair<Clock::time_point, curl_off_t>> samples;
   bool stalled = false;
+  bool connected = false;  // connect and TLS handshake have their own timeout
+  CURL* easy = nullptr;
 };
 
 size_t header_cb(char* p, size_t size, size_t n, void* ud);
@@ -339,6 +346,14 @@ class HttpSource : public Source {
   void run(const EmitFn& emit, const CancelToken& cancel) override;
   int64_t expected_size() const override { return expected_.load(std::memory_order_relaxed); }
   std::string describe() const override { return url_; }
+  // http_requests: every request sent, redirect hops included; retries:
+  // attempts after a failure that brought no byte (each after a backoff);
+  // resumes: ranged requests continuing a range after a drop that brought
+  // bytes; connections: most transfers in flight at once; redirects: hops
+  // followed; bytes_received: body bytes off the wire, re-sent and skipped
+  // ones included; segments: ranged segments in a parallel download (0 for
+  // one stream); goog_hash_crc32c / goog_hash_md5: 1 when that x-goog-hash
+  // digest was checked and matched.
   void add_stats(std::function<void(const char*, double)> put) const override {
     put("http_requests", double(st_requests_.load()));
     put("retries", double(st_retries_.load()));
@@ -362,7 +377,6 @@ class HttpSource : public Source {
     while (now > prev && !st_connections_.compare_exchange_weak(prev, now)) {
     }
   }
-  const Meta& meta() const { return meta_; }
   std::atomic<uint64_t> st_segments_{0};
 
  private:
@@ -633,6 +647,12 @@ int xferinfo_cb(void* ud, curl_off_t, curl_off_t dlnow, curl_off_t, curl_off_t) 
   Xfer& x = *static_cast<Xfer*>(ud);
   if ((*x.halted)()) return 1;
   if (x.low_speed_time <= 0) return 0;
+  if (!x.connected) {
+    curl_off_t pretransfer = 0;
+    if (curl_easy_getinfo(x.easy, CURLINFO_PRETRANSFER_TIME_T, &pretransfer) != CURLE_OK || pretransfer <= 0)
+      return 0;
+    x.connected = true;
+  }
   auto now = Clock::now();
   auto& q = x.samples;
   if (q.empty() || now - q.back().first >= std::chrono::milliseconds(100)) q.emplace_back(now, dlnow);
@@ -936,6 +956,7 @@ void HttpSource::perform_with_redirects(Conn& c, RangeTask& t, const HaltFn& hal
     a.x.halted = &halted;
     a.x.url = url;
     a.x.ranged = ranged;
+    a.x.easy = e;
     a.x.low_speed_time = opt_.low_speed_limit > 0 ? opt_.low_speed_time : 0;
     a.x.low_speed_limit = double(opt_.low_speed_limit);
     curl_easy_setopt(e, CURLOPT_URL, url.c_str());
@@ -1036,6 +1057,10 @@ void HttpSource::fetch_range(Conn& c, RangeTask& t, const HaltFn& halted, const 
       if (a.res == CURLE_UNSUPPORTED_PROTOCOL || a.res == CURLE_URL_MALFORMAT)
         throw Error(ErrorKind::kInvalid, "cannot fetch " + where + ": " + last_cause);
       if (!retryable(a.res)) throw Error(ErrorKind::kNetwork, "download of " + where + " failed: " + last_cause);
+      // A name that does not resolve is more often a typo than a hiccup:
+      // one retry, not the full backoff.
+      if ((a.res == CURLE_COULDNT_RESOLVE_HOST || a.res == CURLE_COULDNT_RESOLVE_PROXY) && failures >= 1)
+        throw Error(ErrorKind::kNetwork, "download of " + where + " failed: " + last_cause);
     } else {
       std::string body = printable(a.x.error_body);
       last_cause = "HTTP " + r.status_line.substr(r.status_line.find(' ') == std::string::npos
@@ -1059,9 +1084,13 @@ void HttpSource::fetch_range(Conn& c, RangeTask& t, const HaltFn& halted, const 
                         "; check your credentials (e.g. KAGGLE_USERNAME/KAGGLE_KEY) and the handle's spelling",
                     int(status));
       if (status == 416)
-        throw Error(ErrorKind::kIntegrity, "object changed during download of " + where + ": the server refused "
-                                               "the range from byte " + std::to_string(t.pos) + " (" + last_cause +
-                                               ")", int(status));
+        throw Error(ErrorKind::kIntegrity,
+                    "download of " + where + " cannot continue: the server refused the range from byte " +
+                        std::to_string(t.pos) + " (" + last_cause + "); the object is shorter than the " +
+                        (meta_.total == kUnknown ? std::string("bytes already received")
+                                                 : "declared Content-Length " + std::to_string(meta_.total)) +
+                        ", or it changed during the download",
+                    int(status));
       if (status >= 300 && status < 400)
         throw Error(ErrorKind::kHttp, "unexpected redirect without a usable Location from " + where + ": " +
                                           last_cause, int(status));

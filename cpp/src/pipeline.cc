@@ -163,6 +163,7 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
       stats.files = dir.files();
       stats.dirs = dir.dirs();
       stats.bytes_out = dir.bytes();
+      for (auto& [path, info] : dir.written()) stats.tree[path] = ExtractStats::File{info.size, info.crc32};
     } catch (...) {
       fail(std::current_exception());
     }

@@ -54,6 +54,10 @@ using SourceFactory = std::function<std::unique_ptr<Source>()>;
 EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_source,
                          const PollFn& poll);
 
+// Rechecks an entry: sizes against the manifest, and with `deep` every
+// file's CRC32. Returns what is wrong (empty: fine, or not hubfast's).
+std::vector<std::string> verify_entry(const std::string& root, const std::string& name, bool deep);
+
 // The manifest path of an entry and the lock file guarding its writers.
 std::string manifest_path(const std::string& root, const std::string& name);
 std::string lock_path(const std::string& root, const std::string& name);

@@ -20,6 +20,13 @@ class DirWriter : public TarSink {
   void file_data(const uint8_t* p, size_t n) override;
   void end_file() override;
 
+  struct FileInfo {
+    uint64_t size = 0;
+    uint32_t crc32 = 0;  // of the written bytes: lets `verify --deep` recheck
+  };
+  // Every regular file written, by path (a later duplicate member replaces it).
+  const std::map<std::string, FileInfo>& written() const { return written_; }
+
   uint64_t files() const { return files_; }
   uint64_t dirs() const { return dirs_; }
   uint64_t bytes() const { return bytes_; }
@@ -29,7 +36,9 @@ class DirWriter : public TarSink {
   std::map<std::string, Fd> dirs_open_;
   Fd file_;
   std::string file_path_;
-  uint64_t file_left_ = 0;
+  uint64_t file_left_ = 0, file_size_ = 0;
+  uint32_t file_crc_ = 0;
+  std::map<std::string, FileInfo> written_;
   uint64_t files_ = 0, dirs_ = 0, bytes_ = 0;
 };
 

@@ -34,6 +34,11 @@ struct ExtractStats {
   double seconds = 0, read_busy = 0, decode_busy = 0, write_busy = 0;
   std::string sha256;  // of the archive bytes, when computed
   std::map<std::string, double> source;  // the source's own counters
+  struct File {
+    uint64_t size;
+    uint32_t crc32;
+  };
+  std::map<std::string, File> tree;  // every file written: size and CRC32
 };
 
 // Called about every 100 ms on the calling thread; throwing from it cancels
