@@ -12,9 +12,11 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include "hubfast/error.h"
+#include "hubfast/pzstd.h"
 
 namespace hubfast {
 namespace {
@@ -355,7 +357,11 @@ std::unique_ptr<Decoder> make_decoder(Compression c, const DecodeOptions& opt) {
       if (opt.use_isal) return std::make_unique<GzipIsalDecoder>();
 #endif
       return std::make_unique<GzipZlibDecoder>();
-    case Compression::kZstd: return std::make_unique<ZstdDecoder>(opt.zstd_window_log_max);
+    case Compression::kZstd: {
+      int threads = opt.threads > 0 ? opt.threads : int(std::thread::hardware_concurrency());
+      if (threads > 1) return make_parallel_zstd_decoder(threads, DecodeOptions{opt.use_isal, opt.zstd_window_log_max, opt.xz_memlimit, 1});
+      return std::make_unique<ZstdDecoder>(opt.zstd_window_log_max);
+    }
     case Compression::kBzip2: return std::make_unique<Bzip2Decoder>();
     case Compression::kXz: return std::make_unique<XzDecoder>(opt.xz_memlimit);
     case Compression::kNone: return std::make_unique<PassThrough>();

@@ -34,6 +34,7 @@ struct DecodeOptions {
   bool use_isal = true;        // gzip through ISA-L; zlib otherwise
   int zstd_window_log_max = 27;  // bounds the zstd window (128 MiB)
   uint64_t xz_memlimit = 256ull << 20;
+  int threads = 0;  // decoding threads where the format allows (0: one per core)
 };
 
 std::unique_ptr<Decoder> make_decoder(Compression c, const DecodeOptions& opt);

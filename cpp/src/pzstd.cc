@@ -1,0 +1,198 @@
+#include "hubfast/pzstd.h"
+
+#include <zstd.h>
+#include <zstd_errors.h>
+
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "hubfast/error.h"
+#include "hubfast/queue.h"
+
+namespace hubfast {
+namespace {
+
+constexpr size_t kMaxFrameBuffer = 64u << 20;  // larger frames: sequential
+
+struct Job {
+  Bytes in, out;
+  std::string error;
+  bool limit = false;
+  bool done = false;
+};
+
+class ParallelZstdDecoder : public Decoder {
+ public:
+  ParallelZstdDecoder(int threads, const DecodeOptions& opt) : opt_(opt), max_inflight_(size_t(threads) * 2) {
+    for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { work(); });
+  }
+
+  ~ParallelZstdDecoder() override {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    todo_cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  void feed(const uint8_t* in, size_t n, const OutFn& out) override {
+    if (sequential_) return sequential_->feed(in, n, out);
+    pending_.insert(pending_.end(), in, in + n);
+    size_t pos = 0;
+    while (pos < pending_.size()) {
+      size_t len = ZSTD_findFrameCompressedSize(pending_.data() + pos, pending_.size() - pos);
+      if (ZSTD_isError(len)) {
+        if (ZSTD_getErrorCode(len) != ZSTD_error_srcSize_wrong)
+          throw Error(ErrorKind::kIntegrity, std::string("zstd stream is corrupt: ") + ZSTD_getErrorName(len));
+        break;  // the frame is not complete yet
+      }
+      submit(Bytes(pending_.begin() + long(pos), pending_.begin() + long(pos + len)), out);
+      pos += len;
+    }
+    pending_.erase(pending_.begin(), pending_.begin() + long(pos));
+    if (pending_.size() > kMaxFrameBuffer) {
+      // One huge frame: nothing to parallelise. Drain, then stream the rest.
+      drain(out);
+      sequential_ = make_decoder(Compression::kZstd, opt_);
+      Bytes rest;
+      rest.swap(pending_);
+      sequential_->feed(rest.data(), rest.size(), out);
+    }
+    emit_ready(out, false);
+  }
+
+  void finish(const OutFn& out) override {
+    if (sequential_) {
+      drain(out);
+      sequential_->finish(out);
+      units_ += sequential_->units();
+      return;
+    }
+    drain(out);
+    if (!pending_.empty()) throw Error(ErrorKind::kIntegrity, "zstd stream is truncated");
+    if (units_ == 0) throw Error(ErrorKind::kIntegrity, "zstd stream is empty");
+  }
+
+  uint64_t units() const override { return units_ + (sequential_ ? sequential_->units() : 0); }
+
+ private:
+  void submit(Bytes frame, const OutFn& out) {
+    // Skippable frames (seek tables) decode to nothing: no job needed.
+    uint32_t magic = frame.size() >= 4 ? uint32_t(frame[0]) | uint32_t(frame[1]) << 8 |
+                                             uint32_t(frame[2]) << 16 | uint32_t(frame[3]) << 24
+                                       : 0;
+    if ((magic & 0xFFFFFFF0u) == 0x184D2A50u) return;
+    while (order_.size() >= max_inflight_) emit_ready(out, true);
+    auto job = std::make_shared<Job>();
+    job->in = std::move(frame);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      order_.push_back(job);
+      todo_.push_back(job);
+    }
+    todo_cv_.notify_one();
+  }
+
+  // Emits finished frames in order; with `wait`, waits for the oldest one.
+  void emit_ready(const OutFn& out, bool wait) {
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        if (order_.empty()) return;
+        if (wait) done_cv_.wait(lk, [&] { return order_.front()->done; });
+        if (!order_.front()->done) return;
+        job = order_.front();
+        order_.pop_front();
+      }
+      if (!job->error.empty())
+        throw Error(job->limit ? ErrorKind::kLimit : ErrorKind::kIntegrity, "zstd stream is corrupt: " + job->error);
+      if (!job->out.empty()) out(job->out.data(), job->out.size());
+      ++units_;
+      wait = false;
+    }
+  }
+
+  void drain(const OutFn& out) {
+    while (true) {
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (order_.empty()) return;
+      }
+      emit_ready(out, true);
+    }
+  }
+
+  void work() {
+    ZSTD_DCtx* dctx = ZSTD_createDCtx();
+    ZSTD_DCtx_setParameter(dctx, ZSTD_d_windowLogMax, opt_.zstd_window_log_max);
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        todo_cv_.wait(lk, [&] { return stop_ || !todo_.empty(); });
+        if (stop_) break;
+        job = todo_.front();
+        todo_.pop_front();
+      }
+      decode(dctx, *job);
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        job->done = true;
+      }
+      done_cv_.notify_all();
+    }
+    ZSTD_freeDCtx(dctx);
+  }
+
+  static void decode(ZSTD_DCtx* dctx, Job& job) {
+    ZSTD_DCtx_reset(dctx, ZSTD_reset_session_only);
+    unsigned long long size = ZSTD_getFrameContentSize(job.in.data(), job.in.size());
+    size_t step = ZSTD_DStreamOutSize();
+    if (size != ZSTD_CONTENTSIZE_UNKNOWN && size != ZSTD_CONTENTSIZE_ERROR && size <= kMaxFrameBuffer * 4)
+      job.out.reserve(size_t(size));
+    ZSTD_inBuffer ib{job.in.data(), job.in.size(), 0};
+    size_t r = 1;
+    while (r != 0) {
+      size_t old = job.out.size();
+      job.out.resize(old + step);
+      ZSTD_outBuffer ob{job.out.data() + old, step, 0};
+      r = ZSTD_decompressStream(dctx, &ob, &ib);
+      job.out.resize(old + ob.pos);
+      if (ZSTD_isError(r)) {
+        job.limit = ZSTD_getErrorCode(r) == ZSTD_error_frameParameter_windowTooLarge;
+        job.error = ZSTD_getErrorName(r);
+        return;
+      }
+      if (r != 0 && ib.pos == ib.size && ob.pos < step) {
+        job.error = "truncated frame";
+        return;
+      }
+    }
+    Bytes().swap(job.in);
+  }
+
+  DecodeOptions opt_;
+  size_t max_inflight_;
+  Bytes pending_;
+  std::unique_ptr<Decoder> sequential_;
+  uint64_t units_ = 0;
+
+  std::mutex mu_;
+  std::condition_variable todo_cv_, done_cv_;
+  std::deque<std::shared_ptr<Job>> todo_, order_;
+  bool stop_ = false;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace
+
+std::unique_ptr<Decoder> make_parallel_zstd_decoder(int threads, const DecodeOptions& opt) {
+  return std::make_unique<ParallelZstdDecoder>(threads, opt);
+}
+
+}  // namespace hubfast
