@@ -97,6 +97,11 @@ def _lookup(handle: str, name: str, s: config.Settings) -> Optional[Entry]:
     return None
 
 
+def _short(handle: str, width: int = 40) -> str:
+    """The handle as a progress-bar label: its tail when long."""
+    return handle if len(handle) <= width else "..." + handle[-(width - 3):]
+
+
 def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[dict] = None,
                 sha256: str = "", name: Optional[str] = None) -> Entry:
     """Returns the complete cache entry for `handle`, extracting `path` or `url` when needed."""
@@ -112,7 +117,7 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
             f"{handle}: not in any cache and {config.OFFLINE_ENV} is set "
             f"(searched: {searched}); unset it or fill a cache with `hubfast fetch`")
     limits = {"max_total_bytes": s.max_extract_bytes, "max_members": s.max_members}
-    bar = progress.make_progress(os.path.basename(handle.rstrip("/")) or handle, s.show_progress)
+    bar = progress.make_progress(_short(handle), s.show_progress)
     try:
         result = _core.ensure_entry(s.cache_dir, name, handle, path=path, url=url,
                                     fetch=fetch or {}, sha256=sha256, limits=limits,

@@ -38,7 +38,7 @@ t_call = time.time()
 out = {"import": t_import - t0, "load": t_load - t_import, "first_call": t_call - t_load,
        "total": t_call - t0}
 if loader == "hubfast":
-    s = hub.last_stats()
+    s = pre.stats if pre is not None else hub.last_stats()
     out["fetch"] = s.get("seconds")
     out["cached"] = s.get("cached")
 print(json.dumps(out))

@@ -21,6 +21,7 @@ class Prefetch:
         self._cancel = threading.Event()
         self._entry: Optional[cache.Entry] = None
         self._error: Optional[BaseException] = None
+        self.stats: Dict = {}  # hubfast.last_stats() of this fetch, once done
         self._thread = threading.Thread(target=self._run, name=f"hubfast-prefetch", daemon=True)
         self._thread.start()
 
@@ -28,6 +29,7 @@ class Prefetch:
         cache.set_cancel_event(self._cancel)
         try:
             self._entry = resolvers.resolve_entry(self.handle)
+            self.stats = cache.last_stats()
         except BaseException as e:  # handed to whoever waits
             self._error = e
         finally:
