@@ -33,6 +33,19 @@ MAX_EXTRACT_BYTES_ENV = "HUBFAST_MAX_EXTRACT_BYTES"
 MAX_MEMBERS_ENV = "HUBFAST_MAX_MEMBERS"
 PINS_ENV = "HUBFAST_PINS"  # file of "<handle> <sha256>" lines
 MIRRORS_ENV = "HUBFAST_MIRRORS"  # "prefix=replacement" pairs, comma-separated
+# Endpoint overrides for the public hosts (scheme://host[:port][/prefix]): a fleet's cache,
+# or the loopback test server. Each names the hosts it stands in for.
+ENDPOINT_ENVS = {
+    "tfhub": "HUBFAST_ENDPOINT_TFHUB",  # tfhub.dev
+    "kaggle": "HUBFAST_ENDPOINT_KAGGLE",  # www.kaggle.com, kaggle.com
+    "gcs": "HUBFAST_ENDPOINT_GCS",  # storage.googleapis.com (gs:// objects)
+    "cn": "HUBFAST_ENDPOINT_CN",  # hub.tensorflow.google.cn, gcs.tensorflow.google.cn
+}
+GCS_AUTH_ENV = "HUBFAST_GCS_AUTH"  # auto | on | off: google-auth credentials for gs://
+# Kaggle's own variables (as the kaggle CLI and kagglehub read them).
+KAGGLE_USERNAME_ENV = "KAGGLE_USERNAME"
+KAGGLE_KEY_ENV = "KAGGLE_KEY"
+KAGGLE_CONFIG_DIR_ENV = "KAGGLE_CONFIG_DIR"  # holds kaggle.json; default ~/.kaggle
 
 
 def _flag(name: str) -> bool:
@@ -89,6 +102,11 @@ class Settings:
     max_members: int
     pins_file: Optional[str]
     mirrors: tuple
+    endpoints: tuple = ()  # (service, base URL) pairs, see ENDPOINT_ENVS
+    gcs_auth: str = "auto"
+    kaggle_username: Optional[str] = None
+    kaggle_key: Optional[str] = None
+    kaggle_config_dir: Optional[str] = None
 
 
 def cache_dir() -> str:
@@ -106,6 +124,15 @@ def _mirrors() -> tuple:
     return tuple(pairs)
 
 
+def _endpoints() -> tuple:
+    pairs = []
+    for service, env in ENDPOINT_ENVS.items():
+        value = os.environ.get(env, "").strip()
+        if value:
+            pairs.append((service, value))
+    return tuple(pairs)
+
+
 def settings() -> Settings:
     layers = tuple(p for p in os.environ.get(CACHE_LAYERS_ENV, "").split(os.pathsep) if p)
     return Settings(
@@ -120,7 +147,7 @@ def settings() -> Settings:
         heartbeat_stale=_float(HEARTBEAT_STALE_ENV, 1.5),
         tfhub_lock_stale=_float(TFHUB_LOCK_STALE_ENV, 600.0),
         fsync=_flag(FSYNC_ENV),
-        connections=_int(CONNECTIONS_ENV, 4),
+        connections=_int(CONNECTIONS_ENV, 8),
         connect_timeout=_float(CONNECT_TIMEOUT_ENV, 30.0),
         stall_timeout=_float(STALL_TIMEOUT_ENV, 30.0),
         max_retries=_int(MAX_RETRIES_ENV, 5),
@@ -128,4 +155,9 @@ def settings() -> Settings:
         max_members=_int(MAX_MEMBERS_ENV, 1_000_000),
         pins_file=os.environ.get(PINS_ENV) or None,
         mirrors=_mirrors(),
+        endpoints=_endpoints(),
+        gcs_auth=os.environ.get(GCS_AUTH_ENV, "auto").strip().lower() or "auto",
+        kaggle_username=os.environ.get(KAGGLE_USERNAME_ENV) or None,
+        kaggle_key=os.environ.get(KAGGLE_KEY_ENV) or None,
+        kaggle_config_dir=os.environ.get(KAGGLE_CONFIG_DIR_ENV) or None,
     )
