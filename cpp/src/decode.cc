@@ -58,8 +58,12 @@ class GzipIsalDecoder : public Decoder {
         isal_inflate_init(&st_);
         st_.crc_flag = ISAL_GZIP;
         in_member_ = true;
+        member_pos_ = 0;
       }
       uint32_t len = uint32_t(std::min<size_t>(n, UINT32_MAX));
+      // ISA-L ignores the reserved FLG bits that RFC 1952 (and zlib) refuse.
+      if (member_pos_ <= 3 && 3 < member_pos_ + len && (in[3 - member_pos_] & 0xE0))
+        corrupt("gzip", "reserved header flags set");
       st_.next_in = const_cast<uint8_t*>(in);
       st_.avail_in = len;
       for (;;) {
@@ -75,6 +79,7 @@ class GzipIsalDecoder : public Decoder {
       size_t used = len - st_.avail_in;
       in += used;
       n -= used;
+      member_pos_ += used;
       if (st_.block_state == ISAL_BLOCK_FINISH) {
         in_member_ = false;
         ++members_;
@@ -99,13 +104,14 @@ class GzipIsalDecoder : public Decoder {
       case ISAL_INVALID_LOOKBACK: return "invalid back-reference distance";
       case ISAL_INVALID_WRAPPER: return "invalid gzip header";
       case ISAL_UNSUPPORTED_METHOD: return "unsupported compression method";
-      case ISAL_INCORRECT_CHECKSUM: return "CRC32 or size in the gzip trailer does not match";
+      case ISAL_INCORRECT_CHECKSUM: return "a checksum does not match (header CRC, or CRC32/size in the trailer)";
       default: return "ISA-L error " + std::to_string(r);
     }
   }
 
   inflate_state st_{};
   std::vector<uint8_t> out_;
+  uint64_t member_pos_ = 0;  // bytes of the current member consumed
   bool in_member_ = false;
   bool saw_zero_ = false;
   uint64_t members_ = 0;

@@ -261,9 +261,11 @@ void TarReader::start_member(char type, uint64_t size, uint32_t mode, std::strin
   }
 
   TarMember m;
+  // A pre-POSIX archive marks directories by a trailing '/' on a regular entry.
+  bool v7_dir = type == '\0' && !name.empty() && name.back() == '/';
   m.path = normalize_path(name, limits_.max_path);
   m.mode = mode;
-  m.is_dir = type == '5';
+  m.is_dir = type == '5' || v7_dir;
   if (m.is_dir) {
     // A directory's size field carries no data in any format we accept.
     if (!m.path.empty()) sink_.directory(m);
