@@ -312,3 +312,23 @@ def test_two_roots_on_different_file_systems(tmp_path, small_archive, monkeypatc
         assert os.stat(a).st_dev != os.stat(b).st_dev
     finally:
         subprocess.run(["umount", str(tmpfs)])
+
+
+def test_lock_of_a_killed_but_unreaped_process_is_stale_at_once(tmp_path, small_archive):
+    """A SIGKILLed holder that its parent has not reaped is a zombie: kill(pid, 0)
+    still succeeds, but the lock it left must not be waited on (found by the chaos soak)."""
+    import hashlib
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    st = small_archive.stat()
+    name = hashlib.sha1(f"{small_archive}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    _tfhub_lock(cache, name, holder.pid, "hfdead")
+    holder.send_signal(signal.SIGKILL)
+    time.sleep(0.3)  # dead, not reaped: a zombie
+    try:
+        r = _result(_spawn(str(small_archive), cache), timeout=30)
+        assert r["ok"] and r["end"] - r["start"] < 5.0, r
+    finally:
+        holder.wait()

@@ -64,7 +64,14 @@ std::string read_small(const std::string& path) {
 
 bool pid_alive(long pid) {
   if (pid <= 0) return true;  // unknown: assume alive
-  return ::kill(pid_t(pid), 0) == 0 || errno == EPERM;
+  if (::kill(pid_t(pid), 0) != 0 && errno != EPERM) return false;
+  // A killed process its parent has not reaped yet is a zombie: kill(pid, 0)
+  // still succeeds, but it holds nothing and will never finish a download.
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return true;
+  size_t paren = line.rfind(')');
+  return paren == std::string::npos || paren + 2 >= line.size() || line[paren + 2] != 'Z';
 }
 
 std::string host_name() {

@@ -112,7 +112,7 @@ def _leftovers(cache: Path) -> List[str]:
 
 
 def run(iterations: int, workers: int = 3, load: bool = False, seed: int = 0,
-        work: Path = None, timeout: float = 60.0, log=print) -> Counts:
+        work: Path = None, timeout: float = 60.0, log=print, keep_failed: bool = False) -> Counts:
     from .. import _core
     from . import models
     from .server import TFHubServer
@@ -133,6 +133,7 @@ def run(iterations: int, workers: int = 3, load: bool = False, seed: int = 0,
                             HUBFAST_LOCK_TIMEOUT=str(timeout), HUBFAST_CONNECTIONS="2",
                             TF_CPP_MIN_LOG_LEVEL="3")
             env_base.pop("HUBFAST_OFFLINE", None)
+            reported = 0
             for it in range(iterations):
                 path = rng.choice(sorted(sources))
                 size = sources[path].stat().st_size
@@ -197,7 +198,11 @@ def run(iterations: int, workers: int = 3, load: bool = False, seed: int = 0,
                     if os.path.exists(lock) and not _core.FileLock.try_acquire(lock, True).held:
                         counts.defects.append(f"it{it}: {lock} still held")
                 counts.iterations += 1
-                shutil.rmtree(cache, ignore_errors=True)
+                for d in counts.defects[reported:]:
+                    log(f"chaos: DEFECT {d}")
+                reported = len(counts.defects)
+                if not counts.defects or not keep_failed:
+                    shutil.rmtree(cache, ignore_errors=True)
                 if (it + 1) % 10 == 0:
                     log(f"chaos: {it + 1}/{iterations} {json.dumps(counts.summary())}")
     finally:
