@@ -7,58 +7,16 @@ processes, next to tensorflow_hub when it is installed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
-# Runs in a fresh interpreter: spawn -> usable, split into its phases.
-_COLD = r"""
-import json, os, sys, time
-t0 = time.time()
-loader = sys.argv[1]
-url = sys.argv[2]
-if loader == "hubfast":
-    import hubfast as hub
-    pre = hub.prefetch(url) if os.environ.get("DEMO_PREFETCH") else None
-    t_import_hub = time.time()
-    import tensorflow as tf
-else:
-    import tensorflow as tf
-    import tensorflow_hub as hub
-t_import = time.time()
-m = hub.load(url)
-t_load = time.time()
-y = m(tf.ones([1, 16]))
-float(tf.reduce_sum(y))
-t_call = time.time()
-out = {"import": t_import - t0, "load": t_load - t_import, "first_call": t_call - t_load,
-       "total": t_call - t0}
-if loader == "hubfast":
-    s = pre.stats if pre is not None else hub.last_stats()
-    out["fetch"] = s.get("seconds")
-    out["cached"] = s.get("cached")
-print(json.dumps(out))
-"""
+def _run(style: str, url: str, cache: str, progress: bool) -> dict:
+    from .testing import coldstart
 
-
-def _run(loader: str, url: str, cache: str, progress: bool, prefetch: bool = False) -> dict:
-    env = dict(os.environ, TFHUB_CACHE_DIR=cache, TF_CPP_MIN_LOG_LEVEL="3")
-    if progress:
-        env["TFHUB_DOWNLOAD_PROGRESS"] = "1"
-    if prefetch:
-        env["DEMO_PREFETCH"] = "1"
-    start = time.time()
-    p = subprocess.run([sys.executable, "-c", _COLD, loader, url], env=env, text=True,
-                       stdout=subprocess.PIPE, stderr=None if progress else subprocess.DEVNULL)
-    if p.returncode != 0:
-        raise SystemExit(f"{loader} failed (exit {p.returncode})")
-    out = json.loads(p.stdout.strip().splitlines()[-1])
-    out["spawn_to_usable"] = time.time() - start
-    return out
+    return coldstart.run(style, url, cache, progress)
 
 
 def _build(workdir: str, size_mib: int) -> tuple:
@@ -108,12 +66,12 @@ def main(argv=None) -> int:
 
         print("\nhubfast.load, cold (.tar.gz), with progress:", flush=True)
         cache = fresh_cache("hubfast")
-        rows.append(("hubfast cold .tar.gz", _run("hubfast", url_gz, cache, True)))
-        rows.append(("hubfast warm", _run("hubfast", url_gz, cache, False)))
+        rows.append(("hubfast cold .tar.gz", _run("seed", url_gz, cache, True)))
+        rows.append(("hubfast warm", _run("seed", url_gz, cache, False)))
         rows.append(("hubfast cold .tar.gz + prefetch",
-                     _run("hubfast", url_gz, fresh_cache("prefetch"), False, prefetch=True)))
+                     _run("prefetch", url_gz, fresh_cache("prefetch"), False)))
         rows.append(("hubfast cold .tar.zst + prefetch",
-                     _run("hubfast", url_zst, fresh_cache("zst"), False, prefetch=True)))
+                     _run("prefetch", url_zst, fresh_cache("zst"), False)))
         if not args.no_baseline:
             try:
                 import tensorflow_hub  # noqa: F401

@@ -22,7 +22,7 @@ class Prefetch:
         self._entry: Optional[cache.Entry] = None
         self._error: Optional[BaseException] = None
         self.stats: Dict = {}  # hubfast.last_stats() of this fetch, once done
-        self._thread = threading.Thread(target=self._run, name=f"hubfast-prefetch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="hubfast-prefetch", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:

@@ -1,0 +1,62 @@
+"""Cold start from process spawn to the first prediction, split into import,
+fetch, load and first call; the demo and the benchmarks both use it.
+
+Styles: ``tensorflow_hub`` (``import tensorflow, tensorflow_hub``), ``seed``
+(hubfast as the seed pages write it: ``import tensorflow`` first) and
+``prefetch`` (``import hubfast; hubfast.prefetch(url)`` before TensorFlow).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, Optional
+
+_SCRIPT = r"""
+import json, os, resource, sys, time
+t0 = time.time()
+style, url = sys.argv[1], sys.argv[2]
+pre = None
+if style == "prefetch":
+    import hubfast as hub
+    pre = hub.prefetch(url)
+    import tensorflow as tf
+elif style == "seed":
+    import tensorflow as tf
+    import hubfast as hub
+else:
+    import tensorflow as tf
+    import tensorflow_hub as hub
+t_import = time.time()
+m = hub.load(url)
+t_load = time.time()
+y = m(tf.ones([1, 16]))
+float(tf.reduce_sum(y))
+t_call = time.time()
+out = {"import": t_import - t0, "load": t_load - t_import, "first_call": t_call - t_load,
+       "total": t_call - t0, "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+if style != "tensorflow_hub":
+    s = pre.stats if pre is not None else hub.last_stats()
+    out["fetch"] = s.get("seconds")
+    out["cached"] = s.get("cached")
+print(json.dumps(out))
+"""
+
+
+def run(style: str, url: str, cache_dir: str, progress: bool = False,
+        env: Optional[Dict[str, str]] = None, timeout: float = 600) -> Dict:
+    """Runs one cold (or warm, if the cache holds it) start in a fresh process."""
+    e = dict(os.environ, TFHUB_CACHE_DIR=cache_dir, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+    if progress:
+        e["TFHUB_DOWNLOAD_PROGRESS"] = "1"
+    start = time.time()
+    p = subprocess.run([sys.executable, "-c", _SCRIPT, style, url], env=e, text=True,
+                       stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE,
+                       timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{style} cold start failed (exit {p.returncode}): {(p.stderr or '')[-2000:]}")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out["spawn_to_usable"] = time.time() - start
+    return out
