@@ -18,7 +18,7 @@ import pytest
 import hubfast
 from hubfast import _core
 
-WORKER = str(Path(__file__).parent / "workers" / "resolve.py")
+WORKER_CMD = ["-m", "hubfast.testing.worker"]
 LOCK_MODES = ["flock", "heartbeat"]
 
 
@@ -60,7 +60,7 @@ def _spawn(handle: str, cache: Path, lock_mode: str = "flock", **env) -> subproc
     e = dict(os.environ, TFHUB_CACHE_DIR=str(cache), HUBFAST_LOCK_MODE=lock_mode,
              HUBFAST_LOCK_TIMEOUT="60")
     e.update({k: str(v) for k, v in env.items()})
-    return subprocess.Popen([sys.executable, WORKER, handle], env=e, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *WORKER_CMD, handle], env=e, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
