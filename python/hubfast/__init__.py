@@ -15,12 +15,12 @@ from .errors import (AccessDeniedError, ArchiveLimitError, DiskFullError, Downlo
 from .loading import load, resolve
 from .prefetch import Prefetch, prefetch
 from .tfhub_compat import install
-from .resolvers import Resolver, register_resolver
+from .resolvers import Resolver, register_resolver, unregister_resolver
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "resolve", "prefetch", "Prefetch", "install", "KerasLayer", "register_resolver", "Resolver", "last_stats", "errors",
+    "load", "resolve", "prefetch", "Prefetch", "install", "KerasLayer", "register_resolver", "unregister_resolver", "Resolver", "last_stats", "errors",
     "HubfastError", "NotFoundError", "NetworkError", "HTTPStatusError", "IntegrityError",
     "UnsafeArchiveError", "ArchiveLimitError", "DiskFullError", "AccessDeniedError",
     "DownloadTimeoutError", "LockTimeoutError", "OfflineError", "__version__",

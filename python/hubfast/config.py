@@ -46,6 +46,13 @@ GCS_AUTH_ENV = "HUBFAST_GCS_AUTH"  # auto | on | off: google-auth credentials fo
 KAGGLE_USERNAME_ENV = "KAGGLE_USERNAME"
 KAGGLE_KEY_ENV = "KAGGLE_KEY"
 KAGGLE_CONFIG_DIR_ENV = "KAGGLE_CONFIG_DIR"  # holds kaggle.json; default ~/.kaggle
+XDG_CONFIG_HOME_ENV = "XDG_CONFIG_HOME"  # ~/.config/kaggle/kaggle.json as a fallback
+# Google's variables, read only to decide whether asking google-auth is worth it
+# (google-auth itself reads them again).
+GOOGLE_CREDENTIALS_ENV = "GOOGLE_APPLICATION_CREDENTIALS"
+CLOUDSDK_CONFIG_ENV = "CLOUDSDK_CONFIG"  # gcloud's config dir (application default creds)
+GOOGLE_CLOUD_ENVS = ("GCE_METADATA_HOST", "GCE_METADATA_IP", "K_SERVICE", "GAE_ENV",
+                     "CLOUD_RUN_JOB", "FUNCTION_TARGET")  # any set: running on Google Cloud
 
 
 def _flag(name: str) -> bool:
@@ -81,6 +88,20 @@ def _absl_cache_dir() -> Optional[str]:
     return None
 
 
+def _absl_load_format() -> Optional[str]:
+    """tensorflow_hub's --tfhub_model_load_format flag, when absl parsed it."""
+    flags_mod = sys.modules.get("absl.flags")
+    if flags_mod is None:
+        return None
+    flags = flags_mod.FLAGS
+    try:
+        if flags.is_parsed() and "tfhub_model_load_format" in flags:
+            return flags["tfhub_model_load_format"].value or None
+    except Exception:  # absl raises on unparsed access in some versions
+        return None
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     cache_dir: str
@@ -104,9 +125,6 @@ class Settings:
     mirrors: tuple
     endpoints: tuple = ()  # (service, base URL) pairs, see ENDPOINT_ENVS
     gcs_auth: str = "auto"
-    kaggle_username: Optional[str] = None
-    kaggle_key: Optional[str] = None
-    kaggle_config_dir: Optional[str] = None
 
 
 def cache_dir() -> str:
@@ -139,7 +157,7 @@ def settings() -> Settings:
         cache_dir=cache_dir(),
         cache_layers=layers,
         offline=_flag(OFFLINE_ENV),
-        load_format=os.environ.get(LOAD_FORMAT_ENV, "COMPRESSED").upper() or "COMPRESSED",
+        load_format=load_format(),
         show_progress=bool(os.environ.get(DOWNLOAD_PROGRESS_ENV)),
         verify_tls=os.environ.get(DISABLE_CERT_VALIDATION_ENV) != "true",
         lock_timeout=_float(LOCK_TIMEOUT_ENV, -1.0),
@@ -157,7 +175,41 @@ def settings() -> Settings:
         mirrors=_mirrors(),
         endpoints=_endpoints(),
         gcs_auth=os.environ.get(GCS_AUTH_ENV, "auto").strip().lower() or "auto",
-        kaggle_username=os.environ.get(KAGGLE_USERNAME_ENV) or None,
-        kaggle_key=os.environ.get(KAGGLE_KEY_ENV) or None,
-        kaggle_config_dir=os.environ.get(KAGGLE_CONFIG_DIR_ENV) or None,
     )
+
+
+def load_format() -> str:
+    """TFHUB_MODEL_LOAD_FORMAT, else --tfhub_model_load_format, upper-cased (cheap: one read)."""
+    return (os.environ.get(LOAD_FORMAT_ENV) or _absl_load_format() or "COMPRESSED").upper()
+
+
+@dataclasses.dataclass(frozen=True)
+class KaggleEnv:
+    """Kaggle's variables, read when a Kaggle handle is fetched."""
+
+    username: Optional[str]
+    key: Optional[str]
+    config_dir: Optional[str]
+    xdg_config_home: Optional[str]
+
+
+def kaggle_env() -> KaggleEnv:
+    return KaggleEnv(os.environ.get(KAGGLE_USERNAME_ENV) or None,
+                     os.environ.get(KAGGLE_KEY_ENV) or None,
+                     os.environ.get(KAGGLE_CONFIG_DIR_ENV) or None,
+                     os.environ.get(XDG_CONFIG_HOME_ENV) or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class GoogleEnv:
+    """Google's variables, read when a gs:// archive is fetched."""
+
+    credentials: Optional[str]  # GOOGLE_APPLICATION_CREDENTIALS
+    cloudsdk_config: Optional[str]
+    on_google_cloud: bool  # one of GOOGLE_CLOUD_ENVS is set
+
+
+def google_env() -> GoogleEnv:
+    return GoogleEnv(os.environ.get(GOOGLE_CREDENTIALS_ENV) or None,
+                     os.environ.get(CLOUDSDK_CONFIG_ENV) or None,
+                     any(os.environ.get(v) for v in GOOGLE_CLOUD_ENVS))

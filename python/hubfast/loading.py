@@ -13,32 +13,34 @@ from . import resolvers
 TF1_MODULE_PROTO = "tfhub_module.pb"
 
 
-def resolve(handle: resolvers.Handle) -> str:
+def resolve(handle: resolvers.Handle, *, sha256: Optional[str] = None) -> str:
     """Returns the local directory of the model behind `handle`, fetching it if needed.
 
     The directory stays valid while the cache is not pruned; ``load()`` and
     ``KerasLayer`` additionally hold the entry's use-lock while TensorFlow reads it,
-    a bare ``resolve()`` path does not.
+    a bare ``resolve()`` path does not. ``sha256`` pins the archive's digest
+    (also settable per handle in the file named by HUBFAST_PINS).
     """
-    return _resolve_entry(handle).path
+    return _resolve_entry(handle, sha256).path
 
 
-def _resolve_entry(handle: resolvers.Handle):
+def _resolve_entry(handle: resolvers.Handle, sha256: Optional[str] = None):
     """Waits for a prefetch of the same handle if one is running."""
     running = _prefetch.pending(os.fspath(handle)) if isinstance(handle, (str, os.PathLike)) else None
-    if running is not None:
+    if running is not None and sha256 is None:
         return running.entry()
-    return resolvers.resolve_entry(handle)
+    return resolvers.resolve_entry(handle, sha256=sha256)
 
 
 def load(handle: resolvers.Handle, tags: Optional[Iterable[str]] = None,
-         options: Any = None) -> Any:
+         options: Any = None, *, sha256: Optional[str] = None) -> Any:
     """Resolves `handle` and loads it with ``tf.saved_model.load``.
 
     Args:
       handle: a URL, a ``gs://`` path, a local directory or archive.
       tags: MetaGraph tags; TF1 Hub format modules default to the empty set.
       options: an optional ``tf.saved_model.LoadOptions``.
+      sha256: optional pinned digest of the archive (hubfast's addition).
     """
     if isinstance(handle, os.PathLike):
         handle = os.fspath(handle)
@@ -46,17 +48,19 @@ def load(handle: resolvers.Handle, tags: Optional[Iterable[str]] = None,
         raise ValueError(f"Expected a string, got {handle!r}")
     if "tensorflow" not in sys.modules:
         # Cold process: fetch in the background while TensorFlow imports.
-        running = _prefetch.prefetch(handle)
+        running = _prefetch.prefetch(handle, sha256=sha256)
         import tensorflow as tf  # only now: `import hubfast` stays TensorFlow-free
 
         entry = running.entry()
     else:
         import tensorflow as tf
 
-        entry = _resolve_entry(handle)
+        entry = _resolve_entry(handle, sha256)
 
     with entry.in_use() as path:
-        is_hub_module_v1 = os.path.exists(os.path.join(path, TF1_MODULE_PROTO))
+        proto = os.path.join(path, TF1_MODULE_PROTO)
+        # gs:// and other remote paths (UNCOMPRESSED format) need TensorFlow's file system.
+        is_hub_module_v1 = (tf.io.gfile.exists(proto) if "://" in path else os.path.exists(proto))
         if tags is None and is_hub_module_v1:
             tags = []
         if options is not None:

@@ -15,8 +15,9 @@ _inflight: Dict[str, "Prefetch"] = {}
 class Prefetch:
     """A background resolve of one handle (``done()``, ``result()``, ``cancel()``)."""
 
-    def __init__(self, handle: str) -> None:
+    def __init__(self, handle: str, sha256: Optional[str] = None) -> None:
         self.handle = handle
+        self._sha256 = sha256
         self._done = threading.Event()
         self._cancel = threading.Event()
         self._entry: Optional[cache.Entry] = None
@@ -28,7 +29,7 @@ class Prefetch:
     def _run(self) -> None:
         cache.set_cancel_event(self._cancel)
         try:
-            self._entry = resolvers.resolve_entry(self.handle)
+            self._entry = resolvers.resolve_entry(self.handle, sha256=self._sha256)
             self.stats = cache.last_stats()
         except BaseException as e:  # handed to whoever waits
             self._error = e
@@ -64,7 +65,7 @@ class Prefetch:
         return self.entry(timeout).path
 
 
-def prefetch(handle: resolvers.Handle) -> Prefetch:
+def prefetch(handle: resolvers.Handle, sha256: Optional[str] = None) -> Prefetch:
     """Starts fetching `handle` into the cache in the background and returns at once."""
     import os
 
@@ -72,7 +73,7 @@ def prefetch(handle: resolvers.Handle) -> Prefetch:
     with _lock:
         running = _inflight.get(handle)
         if running is None:
-            running = _inflight[handle] = Prefetch(handle)
+            running = _inflight[handle] = Prefetch(handle, sha256)
         return running
 
 
