@@ -20,13 +20,25 @@ from .resolvers import Resolver, register_resolver, unregister_resolver
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "resolve", "prefetch", "Prefetch", "install", "KerasLayer", "register_resolver", "unregister_resolver", "Resolver", "last_stats", "errors",
+    "load", "resolve", "prefetch", "Prefetch", "install", "KerasLayer", "Module", "ModuleSpec",
+    "create_module_spec", "add_signature", "load_module_spec", "eval_function_for_module",
+    "LatestModuleExporter", "register_resolver", "unregister_resolver", "Resolver", "last_stats", "errors",
     "HubfastError", "NotFoundError", "NetworkError", "HTTPStatusError", "IntegrityError",
     "UnsafeArchiveError", "ArchiveLimitError", "DiskFullError", "AccessDeniedError",
     "DownloadTimeoutError", "LockTimeoutError", "OfflineError", "__version__",
 ]
 
-_LAZY = {"KerasLayer": (".keras_layer", "KerasLayer")}
+_LAZY = {
+    "KerasLayer": (".keras_layer", "KerasLayer"),
+    # The TF1 Hub format API (tf.compat.v1 graph mode), removed from tensorflow_hub in 0.16.
+    "Module": (".module_v1", "Module"),
+    "ModuleSpec": (".module_v1", "ModuleSpec"),
+    "create_module_spec": (".module_v1", "create_module_spec"),
+    "add_signature": (".module_v1", "add_signature"),
+    "load_module_spec": (".module_v1", "load_module_spec"),
+    "eval_function_for_module": (".module_v1", "eval_function_for_module"),
+    "LatestModuleExporter": (".module_v1", "LatestModuleExporter"),
+}
 
 
 def __getattr__(name: str) -> Any:
