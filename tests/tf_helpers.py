@@ -53,10 +53,15 @@ PYTHON_DIR = REPO_DIR / "python"
 # ---------------------------------------------------------------------------
 
 
-def worker_env(extra: Optional[Dict[str, str]] = None, cache_dir: Optional[Path] = None) -> Dict[str, str]:
+def worker_env(extra: Optional[Dict[str, str]] = None,
+               cache_dir: Optional[Path] = None) -> Dict[str, str]:
     """The environment of a worker: this checkout first on the path, quiet TensorFlow."""
     env = dict(os.environ)
-    paths = [str(PYTHON_DIR), str(TESTS_DIR)]
+    # The hubfast this pytest process imported (the checkout with PYTHONPATH=python,
+    # or the installed package on CI, where the checkout has no compiled _core).
+    import hubfast
+
+    paths = [str(Path(hubfast.__file__).resolve().parents[1]), str(TESTS_DIR)]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -89,6 +94,7 @@ class Run:
                                      cwd=str(self.workdir), stdout=self._stdout,
                                      stderr=self._stderr)
         self.returncode: Optional[int] = None
+        self.timed_out = False
         self.results: Dict[str, Dict[str, Any]] = {}
 
     def wait(self) -> "Run":
@@ -121,7 +127,7 @@ class Run:
         self.wait()
         res = self.results.get(name)
         if res is None:
-            why = "timed out" if getattr(self, "timed_out", False) else f"exit status {self.returncode}"
+            why = "timed out" if self.timed_out else f"exit status {self.returncode}"
             pytest.fail(f"case {name!r} did not report ({why}; the worker may have crashed "
                         f"in it or before it).\n--- worker stderr (tail) ---\n{self.stderr_tail()}")
         if res["status"] == "skipped":

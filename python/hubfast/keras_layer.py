@@ -18,7 +18,7 @@ are held in memory once. Under ``tf_keras`` they are registered with
 ``add_weight(getter=...)``. Keras 3 only tracks ``keras.Variable`` objects;
 each ``tf.Variable`` is wrapped in a ``keras.Variable`` whose storage *is* that
 ``tf.Variable`` (the TensorFlow backend keeps a ``tf.Variable`` handed to
-``Variable._initialize`` as its value; see :class:`_ExistingVariable`).
+``Variable._initialize`` as its value; see :class:`_SharedVariable`).
 
 Handles (strings or ``os.PathLike``) are loaded with :func:`hubfast.load`,
 which holds the cache entry's use-lock while TensorFlow reads the files.
@@ -421,7 +421,8 @@ def _trace_output_specs(layer: Any, input_specs: Any, training: Any) -> Any:
                     return tf.compat.v1.placeholder(shape=x.shape, dtype=x.dtype)
                 return x
 
-            out = layer._hub_call(tf.nest.map_structure(placeholder, input_specs), training)  # pylint: disable=protected-access
+            placeholders = tf.nest.map_structure(placeholder, input_specs)
+            out = layer._hub_call(placeholders, training)  # pylint: disable=protected-access
             return tf.nest.map_structure(
                 lambda t: tf.TensorSpec(t.shape, t.dtype) if tf.is_tensor(t) else t, out)
 
