@@ -54,6 +54,8 @@ def main() -> None:
             ("tar --zstd -xf", common.sh(f"rm -rf {scratch}/tarz && mkdir -p {scratch}/tarz && "
                                          f"tar -I zstd -xf {zst} -C {scratch}/tarz")),
             ("python tarfile .tar.gz (tensorflow_hub's way)", tarfile_extract(gz)),
+            ("cp -r of the tree (write floor)", common.sh(f"rm -rf {scratch}/cp && cp -r "
+                                                          f"{common.model_dir(size)} {scratch}/cp")),
         ]
         rows = []
         for name, fn in tools:
