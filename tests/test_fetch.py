@@ -1,0 +1,917 @@
+"""The native HTTP(S) fetch, streamed into the extractor, against a real loopback server
+with injected faults. Every case ends either in a byte-identical cache entry or in one typed
+error with the cache as it was (no entry, no temp dir, no tensorflow_hub lock file).
+
+No mocks: a real server (hubfast.testing.server), a real forward proxy (tinyproxy), real
+subprocesses for Ctrl-C.
+"""
+from __future__ import annotations
+
+import email.utils
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.error
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+import hubfast
+from hubfast import _core, errors
+from hubfast.testing.models import tree_digest
+from hubfast.testing.server import Fault, TFHubServer, make_self_signed_cert
+
+MiB = 1 << 20
+HANDLE_PATH = "/org/model/1"
+ODD = 1_000_003  # a fault offset that is no multiple of anything the client picks
+PYTHON_DIR = str(Path(hubfast.__file__).resolve().parent.parent)
+
+# Environment that would change what these tests exercise, cleared for every test.
+_ISOLATE = (
+    "http_proxy", "https_proxy", "all_proxy", "no_proxy",
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY",
+    "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE",
+    "TFHUB_DISABLE_CERT_VALIDATION", "TFHUB_MODEL_LOAD_FORMAT", "HUBFAST_OFFLINE",
+    "HUBFAST_CACHE_LAYERS", "HUBFAST_PINS", "HUBFAST_MIRRORS", "HUBFAST_CONNECTIONS",
+    "HUBFAST_ENDPOINT_TFHUB", "HUBFAST_ENDPOINT_GCS", "HUBFAST_ENDPOINT_KAGGLE",
+    "HUBFAST_ENDPOINT_CN", "TFHUB_DOWNLOAD_PROGRESS",
+)
+
+
+# ------------------------------------------------------------------------------------------
+# Archives (no TensorFlow: random bytes where the weights would be)
+
+
+class Archive:
+    """A model-like source tree and its archives."""
+
+    def __init__(self, root: Path, data_bytes: int, gzip_level: int, seed: int = 0) -> None:
+        self.src = root / "src"
+        (self.src / "variables").mkdir(parents=True)
+        (self.src / "assets").mkdir()
+        rnd = os.urandom(data_bytes)
+        (self.src / "saved_model.pb").write_bytes(b"\x08\x01" + bytes(range(256)) * 40 + bytes([seed]))
+        (self.src / "variables" / "variables.index").write_bytes(b"index" * 300)
+        (self.src / "variables" / "variables.data-00000-of-00001").write_bytes(rnd)
+        (self.src / "assets" / "vocab.txt").write_text("the\nquick\nbrown\nfox\n")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for p in [self.src, *sorted(self.src.rglob("*"))]:
+                arc = "." if p == self.src else "./" + str(p.relative_to(self.src))
+                tar.add(p, arcname=arc, recursive=False)
+        self.tar = buf.getvalue()
+        self.gz = gzip.compress(self.tar, compresslevel=gzip_level, mtime=0)
+        self.digest = tree_digest(self.src)
+
+    def member_boundaries(self) -> Tuple[int, int]:
+        """(offset of the last member's header, offset of the end-of-archive blocks) in .tar."""
+        with tarfile.open(fileobj=io.BytesIO(self.tar)) as tar:
+            members = tar.getmembers()
+        last = members[-1]
+        end = last.offset_data + (last.size + 511) // 512 * 512
+        return last.offset, end
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Archive:
+    """~3 MiB .tar.gz (one stream: below the parallel threshold)."""
+    return Archive(tmp_path_factory.mktemp("small"), 3 * MiB, gzip_level=1)
+
+
+@pytest.fixture(scope="module")
+def small2(tmp_path_factory) -> Archive:
+    """Another ~3 MiB archive: the new version of a changed object."""
+    return Archive(tmp_path_factory.mktemp("small2"), 3 * MiB, gzip_level=1, seed=1)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Archive:
+    """~72 MiB .tar.gz: above the 64 MiB threshold, so fetched by parallel ranged connections."""
+    return Archive(tmp_path_factory.mktemp("big"), 72 * MiB, gzip_level=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch) -> None:
+    for name in _ISOLATE:
+        monkeypatch.delenv(name, raising=False)
+    # Bounds so that a regression fails instead of hanging the suite; tests tighten them.
+    monkeypatch.setenv("HUBFAST_STALL_TIMEOUT", "5")
+    monkeypatch.setenv("HUBFAST_CONNECT_TIMEOUT", "5")
+    monkeypatch.setenv("HUBFAST_MAX_RETRIES", "3")
+    monkeypatch.setenv("HUBFAST_LOCK_TIMEOUT", "30")
+
+
+@pytest.fixture
+def server() -> Iterator[TFHubServer]:
+    s = TFHubServer()
+    s.start()
+    try:
+        yield s
+    finally:
+        s.close()
+        assert not s.errors, s.errors
+
+
+@pytest.fixture
+def server2() -> Iterator[TFHubServer]:
+    s = TFHubServer()
+    s.start()
+    try:
+        yield s
+    finally:
+        s.close()
+        assert not s.errors, s.errors
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> Tuple[str, str, str]:
+    return make_self_signed_cert(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def tls_server(tls_files) -> Iterator[TFHubServer]:
+    ca, cert, key = tls_files
+    s = TFHubServer(tls=(cert, key))
+    s.ca_cert = ca
+    s.start()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _sha1(handle: str) -> str:
+    return hashlib.sha1(handle.encode("utf8")).hexdigest()
+
+
+def assert_cache_clean(cache: Path) -> None:
+    """Nothing but never-deleted hubfast lock files: no entry, no temp dir, no tfhub lock."""
+    left = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".hubfast.lock"))
+    assert left == [], f"cache changed by a failed fetch: {left}"
+
+
+def resolve_ok(handle: str, archive: Archive) -> Dict:
+    """Resolves `handle`; the entry must equal the source tree. Returns the source stats."""
+    t0 = time.monotonic()
+    path = hubfast.resolve(handle)
+    elapsed = time.monotonic() - t0
+    assert tree_digest(path) == archive.digest, "entry differs from the archive's tree"
+    stats = hubfast.last_stats()
+    assert stats["cached"] is False
+    assert Path(path).name == _sha1(handle)
+    src = dict(stats["source"])
+    src["elapsed"] = elapsed
+    return src
+
+
+def resolve_fails(handle: str, cache: Path, exc_type, match: Optional[str] = None):
+    """Resolves `handle`, expecting `exc_type`; the cache must be unchanged."""
+    t0 = time.monotonic()
+    with pytest.raises(exc_type, match=match) as info:
+        hubfast.resolve(handle)
+    info.elapsed = time.monotonic() - t0  # type: ignore[attr-defined]
+    assert_cache_clean(cache)
+    return info
+
+
+def gets(server: TFHubServer, path: str = HANDLE_PATH) -> List:
+    return [r for r in server.stats.requests_for(path) if r.method == "GET"]
+
+
+def etag_of(server: TFHubServer, path: str = HANDLE_PATH) -> str:
+    return '"' + server.digests(path).md5.hex() + '"'
+
+
+def _range_start(record) -> int:
+    spec = record.range.split("=", 1)[1]
+    return int(spec.split("-", 1)[0])
+
+
+# ------------------------------------------------------------------------------------------
+# Transient statuses, fatal statuses
+
+
+@pytest.mark.parametrize("code", [503, 500, 429, 408])
+def test_transient_status_is_retried_after_retry_after(server, small, cache_dir, code):
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.status(code, retry_after=1))
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["retries"] == 1 and src["resumes"] == 0
+    assert src["http_requests"] == 2
+    assert [r.status for r in gets(server)] == [code, 200]
+    # Retry-After: 1 was honoured (the plain backoff would wait 0.25-0.5 s).
+    assert 0.95 <= src["elapsed"] < 10
+
+
+def test_retry_after_as_http_date(server, small, cache_dir):
+    server.add_archive(HANDLE_PATH, small.gz)
+    when = email.utils.formatdate(time.time() + 3, usegmt=True)
+    server.inject(HANDLE_PATH, Fault.status(503, retry_after=when))
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["retries"] == 1
+    assert 1.9 <= src["elapsed"] < 10  # the date has a resolution of 1 s
+
+
+def test_transient_status_on_a_resume(server, small, cache_dir):
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.drop(ODD))
+    server.inject(HANDLE_PATH, Fault.status(503, retry_after=1))
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["resumes"] == 1 and src["retries"] == 1
+    log = gets(server)
+    assert [r.status for r in log] == [200, 503, 206]
+    assert log[1].range == log[2].range == f"bytes={ODD}-"
+
+
+def test_transient_status_on_parallel_segments(server, big, cache_dir):
+    server.add_archive(HANDLE_PATH, big.gz)
+    server.inject(HANDLE_PATH, Fault.delay(0))  # the first request goes through
+    server.inject(HANDLE_PATH, Fault.status(503, retry_after=1), times=3)  # three segment requests
+    src = resolve_ok(server.url_for(HANDLE_PATH), big)
+    assert src["segments"] > 1 and src["retries"] == 3
+    failed = [r for r in gets(server) if r.status == 503]
+    assert len(failed) == 3 and all(r.range for r in failed)
+    # Each failed segment was asked for again, from its start.
+    ok_ranges = {r.range for r in gets(server) if r.status == 206}
+    assert all(r.range in ok_ranges for r in failed)
+
+
+def test_retries_exhausted_on_503(server, small, cache_dir, monkeypatch):
+    monkeypatch.setenv("HUBFAST_MAX_RETRIES", "2")
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.status(503), times=10)
+    info = resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.NetworkError, "503")
+    assert len(gets(server)) == 3
+    assert info.elapsed < 10
+
+
+@pytest.mark.parametrize("code", [404, 410])
+def test_not_found_fails_at_once(server, small, cache_dir, code):
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.status(code), times=5)
+    info = resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.HTTPNotFoundError)
+    e = info.value
+    assert isinstance(e, urllib.error.HTTPError) and isinstance(e, FileNotFoundError)
+    assert e.code == code
+    assert len(gets(server)) == 1, "a 404 must not be retried"
+    assert info.elapsed < 1.0
+    assert str(code) in str(e) and server.url_for(HANDLE_PATH) in str(e)
+
+
+def test_missing_handle_is_not_found(server, cache_dir):
+    resolve_fails(server.url_for("/org/nothing/1"), cache_dir, errors.HTTPNotFoundError)
+    assert server.stats.total.gets == 1
+
+
+@pytest.mark.parametrize("code", [403, 401])
+def test_access_denied(server, small, cache_dir, code):
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.status(code), times=5)
+    info = resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.HTTPAccessDeniedError)
+    e = info.value
+    assert isinstance(e, PermissionError) and isinstance(e, urllib.error.HTTPError)
+    assert e.code == code
+    assert len(gets(server)) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Slow and broken transfers that end well
+
+
+def test_delay_before_headers_below_stall_timeout(server, small, cache_dir, monkeypatch):
+    monkeypatch.setenv("HUBFAST_STALL_TIMEOUT", "3")
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.delay(1.0))
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["http_requests"] == 1 and src["retries"] == 0 and src["resumes"] == 0
+    assert 1.0 <= src["elapsed"] < 3
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+def test_drop_resumes_single_stream(server, small, cache_dir, reset):
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.drop(ODD, reset=reset))
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["resumes"] == 1 and src["retries"] == 0 and src["segments"] == 0
+    log = gets(server)
+    assert len(log) == 2
+    assert log[0].range is None
+    # After a FIN the client has every byte sent; a RST may discard what it had not read yet.
+    resume_at = _range_start(log[1])
+    assert log[1].range == f"bytes={resume_at}-"
+    if reset:
+        assert 0 < resume_at <= ODD
+    else:
+        assert resume_at == ODD
+    assert log[1].if_range == etag_of(server)
+    assert log[1].status == 206
+    # Only the missing bytes were sent again, and nothing was received twice.
+    assert server.stats.path(HANDLE_PATH).body_bytes == len(small.gz) + ODD - resume_at
+    assert src["bytes_received"] == len(small.gz)
+
+
+def test_drop_resumes_parallel_segments(server, big, cache_dir):
+    server.add_archive(HANDLE_PATH, big.gz)
+    # The first response (segment 0) and the first two segment requests drop.
+    server.inject(HANDLE_PATH, Fault.drop(ODD), times=3)
+    src = resolve_ok(server.url_for(HANDLE_PATH), big)
+    assert src["segments"] > 1 and src["connections"] > 1
+    assert src["resumes"] >= 3
+    log = gets(server)
+    # Segments start at multiples of 1 MiB; a resume starts ODD bytes into one.
+    resumed = [r for r in log if r.range and _range_start(r) % MiB == ODD % MiB]
+    assert len(resumed) == 3, [r.range for r in log]
+    assert all(r.if_range == etag_of(server) and r.status == 206 for r in resumed)
+    assert all(r.if_range == etag_of(server) for r in log if r.range)
+    assert server.stats.path(HANDLE_PATH).body_bytes <= len(big.gz) + 4 * MiB
+
+
+@pytest.mark.parametrize("mode", ["single", "parallel"])
+def test_stall_is_detected_and_resumed(server, small, big, cache_dir, monkeypatch, mode):
+    monkeypatch.setenv("HUBFAST_STALL_TIMEOUT", "1")
+    archive = small if mode == "single" else big
+    server.add_archive(HANDLE_PATH, archive.gz)
+    # Without stall detection this transfer would sit for 60 s.
+    server.inject(HANDLE_PATH, Fault.stall(ODD, 60))
+    src = resolve_ok(server.url_for(HANDLE_PATH), archive)
+    assert src["resumes"] >= 1
+    assert src["elapsed"] < 12
+    resumed = [r for r in gets(server) if r.range and _range_start(r) == ODD]
+    assert len(resumed) == 1 and resumed[0].if_range == etag_of(server)
+
+
+def test_stall_of_a_parallel_segment_is_resumed(server, big, cache_dir, monkeypatch):
+    monkeypatch.setenv("HUBFAST_STALL_TIMEOUT", "1")
+    server.add_archive(HANDLE_PATH, big.gz)
+    server.inject(HANDLE_PATH, Fault.delay(0))  # the first request goes through
+    server.inject(HANDLE_PATH, Fault.stall(ODD, 60))  # the first segment request stalls
+    src = resolve_ok(server.url_for(HANDLE_PATH), big)
+    assert src["segments"] > 1 and src["resumes"] == 1
+    assert src["elapsed"] < 12
+    log = gets(server)
+    resumed = [r for r in log if r.range and _range_start(r) % MiB == ODD % MiB]
+    assert len(resumed) == 1 and resumed[0].if_range == etag_of(server)
+    # It resumed the stalled segment: same end as the segment request that stalled.
+    stalled = log[1]
+    assert stalled.range.split("-")[1] == resumed[0].range.split("-")[1]
+
+
+def test_trickle_below_the_low_speed_limit_is_resumed(server, small, cache_dir, monkeypatch):
+    monkeypatch.setenv("HUBFAST_STALL_TIMEOUT", "1")
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.slow(500))  # 500 B/s: alive, but far below 1 KiB/s
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["resumes"] == 1
+    assert src["elapsed"] < 8
+
+
+def test_stall_before_headers_is_retried(server, small, cache_dir, monkeypatch):
+    monkeypatch.setenv("HUBFAST_STALL_TIMEOUT", "1")
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.delay(60))
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["retries"] == 1
+    assert src["elapsed"] < 10
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_close_after_headers_is_retried(server, small, cache_dir, times):
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.close_after_headers(), times=times)
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["retries"] + src["resumes"] == times
+    assert len(gets(server)) == times + 1
+
+
+def test_ignored_range_on_resume_skips_the_prefix(server, small, cache_dir):
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.drop(ODD))
+    server.inject(HANDLE_PATH, Fault.ignore_range())
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["resumes"] == 1
+    assert [r.status for r in gets(server)] == [200, 200]
+
+
+# ------------------------------------------------------------------------------------------
+# Servers that never deliver
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[str]:
+    """A port whose kernel accepts connections that nobody ever reads or answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    try:
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    finally:
+        s.close()
+
+
+def _closed_port() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("kind", ["refused", "silent", "headers_then_stall", "delay_every_request"])
+def test_dead_server_fails_in_bounded_time(server, small, cache_dir, monkeypatch, silent_listener, kind):
+    monkeypatch.setenv("HUBFAST_STALL_TIMEOUT", "1")
+    monkeypatch.setenv("HUBFAST_CONNECT_TIMEOUT", "1")
+    monkeypatch.setenv("HUBFAST_MAX_RETRIES", "1")
+    server.add_archive(HANDLE_PATH, small.gz)
+    if kind == "refused":
+        handle, want = _closed_port() + HANDLE_PATH, errors.NetworkError
+    elif kind == "silent":
+        handle, want = silent_listener + HANDLE_PATH, errors.DownloadTimeoutError
+    elif kind == "headers_then_stall":
+        server.inject(HANDLE_PATH, Fault.stall(0, 60), times=20)
+        handle, want = server.url_for(HANDLE_PATH), errors.DownloadTimeoutError
+    else:
+        server.inject(HANDLE_PATH, Fault.delay(60), times=20)
+        handle, want = server.url_for(HANDLE_PATH), errors.DownloadTimeoutError
+    info = resolve_fails(handle, cache_dir, want)
+    assert isinstance(info.value, urllib.error.URLError)
+    # Two attempts of ~1 s each plus one backoff of at most 0.5 s; generous.
+    assert info.elapsed < 8, info.elapsed
+    if kind in ("headers_then_stall", "delay_every_request"):
+        assert len(gets(server)) == 2
+
+
+_RESOLVE_CHILD = r"""
+import sys
+import hubfast
+try:
+    hubfast.resolve(sys.argv[1])
+    print("OK", flush=True)
+except Exception as e:
+    print(type(e).__name__, e, flush=True)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "fetch.cc: an attempt that brings any byte resets the retry budget, so a server that stalls "
+    "after a few KB on every request is resumed up to kMaxResumes=200 times, each costing a full "
+    "stall timeout, instead of failing with DownloadTimeoutError after HUBFAST_MAX_RETRIES"))
+def test_server_stalling_after_a_few_bytes_on_every_request_fails_in_bounded_time(server, small, cache_dir):
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.stall(20_000, 60), times=100_000)
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR, TFHUB_CACHE_DIR=str(cache_dir),
+               HUBFAST_STALL_TIMEOUT="1", HUBFAST_MAX_RETRIES="1", HUBFAST_CONNECT_TIMEOUT="1")
+    child = subprocess.Popen([sys.executable, "-c", _RESOLVE_CHILD, server.url_for(HANDLE_PATH)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = child.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        resumes = len(gets(server)) - 1
+        pytest.fail(f"still resuming after 15 s ({resumes} resumed requests of 20 KB each)")
+    assert out.startswith("DownloadTimeoutError"), (out, err)
+    assert_cache_clean(cache_dir)
+
+
+# ------------------------------------------------------------------------------------------
+# Corruption: typed errors, nothing cached
+
+
+@pytest.mark.parametrize("goog_hash", ["both", "split", "crc32c", "md5", "none"])
+def test_flipped_byte_is_caught(server, small, cache_dir, goog_hash):
+    if goog_hash == "split":  # one x-goog-hash header per digest, as GCS often sends them
+        server.add_archive(HANDLE_PATH, small.gz, goog_hash="both", split_goog_hash=True)
+    else:
+        server.add_archive(HANDLE_PATH, small.gz, goog_hash=goog_hash)
+    server.inject(HANDLE_PATH, Fault.flip(len(small.gz) // 2))
+    info = resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.IntegrityError)
+    msg = str(info.value)
+    if goog_hash in ("both", "split", "crc32c"):
+        assert "crc32c" in msg  # crc32c preferred when both are offered
+    elif goog_hash == "md5":
+        assert "md5" in msg
+    else:
+        assert "x-goog-hash" not in msg and "gzip" in msg  # caught by gzip's own CRC-32
+    assert len(gets(server)) == 1, "corruption is not retried"
+
+
+def test_flip_in_parallel_download_is_caught(server, big, cache_dir):
+    server.add_archive(HANDLE_PATH, big.gz)
+    server.inject(HANDLE_PATH, Fault.flip(len(big.gz) - 5 * MiB), times=30)
+    resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.IntegrityError, "crc32c")
+
+
+@pytest.mark.parametrize(
+    "fmt,cut,goog_hash,match",
+    [
+        # every member complete, only the end-of-archive blocks missing
+        ("tar", "end_of_archive", "none", "end-of-archive"),
+        ("tar", "last_header", "none", "end-of-archive"),  # cut right before a member header
+        ("tar", "half", "none", "tar"),  # inside a member's data
+        ("gz", "half", "none", "gzip"),
+        ("gz", "half", "both", "crc32c"),
+    ],
+)
+def test_truncated_object_is_caught(server, small, cache_dir, fmt, cut, goog_hash, match):
+    data = small.tar if fmt == "tar" else small.gz
+    last_header, end_blocks = small.member_boundaries()
+    n = {"end_of_archive": end_blocks, "last_header": last_header, "half": len(data) // 2}[cut]
+    server.add_archive(HANDLE_PATH, data, goog_hash=goog_hash)
+    # An honest short Content-Length: the transfer itself looks complete.
+    server.inject(HANDLE_PATH, Fault.truncate(n))
+    resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.IntegrityError, match)
+
+
+@pytest.mark.parametrize("goog_hash", ["both", "none"])
+@pytest.mark.parametrize("delta", [1000, -1000])
+def test_lying_content_length(server, small, cache_dir, delta, goog_hash):
+    server.add_archive(HANDLE_PATH, small.gz, goog_hash=goog_hash)
+    server.inject(HANDLE_PATH, Fault.lying_length(delta))
+    info = resolve_fails(server.url_for(HANDLE_PATH), cache_dir, (errors.IntegrityError, errors.NetworkError))
+    assert info.elapsed < 10
+
+
+@pytest.mark.parametrize("goog_hash", ["both", "none"])
+def test_garbage_after_the_gzip_stream(server, small, cache_dir, goog_hash):
+    server.add_archive(HANDLE_PATH, small.gz, goog_hash=goog_hash)
+    server.inject(HANDLE_PATH, Fault.garbage(100))
+    match = "crc32c" if goog_hash == "both" else "garbage"  # else the gzip layer's verdict
+    resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.IntegrityError, match)
+
+
+@pytest.mark.parametrize("shift,value", [(1, None), (-1, None), (0, "bytes 0-9/10")])
+def test_wrong_content_range(server, small, cache_dir, shift, value):
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.drop(ODD))
+    server.inject(HANDLE_PATH, Fault.wrong_content_range(shift=shift, value=value))
+    resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.IntegrityError, "Content-Range")
+
+
+def _change_when_stalled(server: TFHubServer, at: int, new: bytes) -> threading.Thread:
+    """Replaces the object once the server has sent `at` body bytes (the stall point)."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if server.stats.path(HANDLE_PATH).body_bytes >= at:
+                server.set_object(HANDLE_PATH, new)
+                return
+            time.sleep(0.005)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_object_changed_between_ranges(server, small, small2, cache_dir, monkeypatch):
+    monkeypatch.setenv("HUBFAST_STALL_TIMEOUT", "1")
+    handle = server.url_for(HANDLE_PATH)
+    server.add_archive(HANDLE_PATH, small.gz)
+    old_etag = etag_of(server)
+    server.inject(HANDLE_PATH, Fault.stall(ODD, 3, then="close"))
+    changer = _change_when_stalled(server, ODD, small2.gz)
+    resolve_fails(handle, cache_dir, errors.IntegrityError, "changed")
+    changer.join()
+    resumed = [r for r in gets(server) if r.range]
+    assert resumed and resumed[0].if_range == old_etag and resumed[0].status == 200
+    # The next resolve gets the new version, whole.
+    resolve_ok(handle, small2)
+
+
+def test_object_changed_during_parallel_download(server, big, cache_dir, monkeypatch):
+    monkeypatch.setenv("HUBFAST_STALL_TIMEOUT", "1")
+    server.add_archive(HANDLE_PATH, big.gz)
+    changed = bytearray(big.gz)
+    changed[len(changed) // 2] ^= 0xFF
+    server.inject(HANDLE_PATH, Fault.stall(ODD, 3, then="close"))
+    changer = _change_when_stalled(server, ODD, bytes(changed))
+    resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.IntegrityError, "changed")
+    changer.join()
+
+
+# ------------------------------------------------------------------------------------------
+# TLS
+
+
+@pytest.mark.parametrize(
+    "env,ok",
+    [
+        ({}, False),
+        ({"REQUESTS_CA_BUNDLE": "CA"}, True),
+        ({"SSL_CERT_FILE": "CA"}, True),
+        ({"CURL_CA_BUNDLE": "CA"}, True),
+        ({"TFHUB_DISABLE_CERT_VALIDATION": "true"}, True),
+        ({"TFHUB_DISABLE_CERT_VALIDATION": "TRUE"}, False),
+        ({"TFHUB_DISABLE_CERT_VALIDATION": "1"}, False),
+    ],
+    ids=["no-ca", "requests-ca-bundle", "ssl-cert-file", "curl-ca-bundle", "disable-true",
+         "disable-TRUE", "disable-1"],
+)
+def test_tls(tls_server, small, cache_dir, monkeypatch, env, ok):
+    tls_server.add_archive(HANDLE_PATH, small.gz)
+    for k, v in env.items():
+        monkeypatch.setenv(k, tls_server.ca_cert if v == "CA" else v)
+    handle = tls_server.url_for(HANDLE_PATH)
+    assert handle.startswith("https://")
+    if ok:
+        resolve_ok(handle, small)
+    else:
+        info = resolve_fails(handle, cache_dir, errors.NetworkError, "certificate")
+        assert info.elapsed < 5, "a verification failure is not worth retrying"
+        assert tls_server.stats.path(HANDLE_PATH).archive_gets == 0
+
+
+def test_tls_resume_after_drop(tls_server, small, cache_dir, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", tls_server.ca_cert)
+    tls_server.add_archive(HANDLE_PATH, small.gz)
+    tls_server.inject(HANDLE_PATH, Fault.drop(ODD))
+    src = resolve_ok(tls_server.url_for(HANDLE_PATH), small)
+    assert src["resumes"] == 1
+    assert gets(tls_server)[1].range == f"bytes={ODD}-"
+
+
+def test_tls_wrong_ca_fails(tls_server, small, cache_dir, monkeypatch, tmp_path):
+    other_ca, _, _ = make_self_signed_cert(tmp_path / "other")
+    tls_server.add_archive(HANDLE_PATH, small.gz)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", other_ca)
+    resolve_fails(tls_server.url_for(HANDLE_PATH), cache_dir, errors.NetworkError, "certificate")
+
+
+# ------------------------------------------------------------------------------------------
+# Proxies
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Tinyproxy:
+    def __init__(self, tmp: Path) -> None:
+        self.port = _free_port()
+        self.log = tmp / "tinyproxy.log"
+        conf = tmp / "tinyproxy.conf"
+        conf.write_text(
+            f"Port {self.port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 30\n"
+            f"LogFile \"{self.log}\"\nLogLevel Info\nMaxClients 20\nViaProxyName \"hftest\"\n"
+        )
+        self.proc = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("tinyproxy did not start")
+                time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def requests_seen(self, needle: str) -> int:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return sum(1 for line in text.splitlines() if "Request" in line and needle in line)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def tinyproxy(tmp_path) -> Iterator[Tinyproxy]:
+    if shutil.which("tinyproxy") is None:
+        pytest.skip("tinyproxy is not installed")
+    p = Tinyproxy(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.mark.parametrize(
+    "host,no_proxy,proxied",
+    [
+        ("127.0.0.1", None, True),
+        ("127.0.0.1", "127.0.0.1", False),
+        ("localhost", "127.0.0.1", True),  # requests' rule: no_proxy matches names, not lookups
+        ("localhost", "localhost", False),
+        ("127.0.0.1", "example.com,127.0.0.1:{port}", False),
+    ],
+)
+def test_forward_proxy(server, tinyproxy, small, cache_dir, monkeypatch, host, no_proxy, proxied):
+    server.add_archive(HANDLE_PATH, small.gz)
+    monkeypatch.setenv("http_proxy", tinyproxy.url)
+    if no_proxy is not None:
+        monkeypatch.setenv("no_proxy", no_proxy.format(port=server.port))
+    handle = f"http://{host}:{server.port}{HANDLE_PATH}"
+    resolve_ok(handle, small)
+    log = gets(server)
+    assert len(log) == 1
+    via = log[0].header("via") or ""
+    if proxied:
+        assert tinyproxy.requests_seen(HANDLE_PATH) == 1
+        assert "hftest" in via
+    else:
+        assert tinyproxy.requests_seen(HANDLE_PATH) == 0
+        assert via == ""
+
+
+def test_https_through_proxy_tunnel(tls_server, tinyproxy, small, cache_dir, monkeypatch):
+    tls_server.add_archive(HANDLE_PATH, small.gz)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", tls_server.ca_cert)
+    monkeypatch.setenv("https_proxy", tinyproxy.url)
+    monkeypatch.setenv("http_proxy", _closed_port())  # must not be used for https
+    resolve_ok(tls_server.url_for(HANDLE_PATH), small)
+    assert tinyproxy.requests_seen(f"CONNECT 127.0.0.1:{tls_server.port}") == 1
+
+
+def test_proxy_down_is_a_network_error(server, small, cache_dir, monkeypatch):
+    monkeypatch.setenv("HUBFAST_MAX_RETRIES", "1")
+    server.add_archive(HANDLE_PATH, small.gz)
+    monkeypatch.setenv("http_proxy", _closed_port())
+    info = resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.NetworkError)
+    assert info.elapsed < 5
+    assert server.stats.total.total_requests == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Redirects
+
+
+AUTH = "Authorization: Bearer xyz"
+
+
+@pytest.mark.parametrize("target", ["same_origin", "other_port", "other_host"])
+def test_redirect_does_not_carry_credentials_elsewhere(server, server2, small, tmp_path, target):
+    """Headers given to the fetch go to the original scheme+host+port only, also for resumes."""
+    if target == "same_origin":
+        dest_server, dest_url = server, server.url_for("/bucket/model.tar.gz")
+    elif target == "other_port":
+        dest_server, dest_url = server2, server2.url_for("/bucket/model.tar.gz")
+    else:
+        dest_server, dest_url = server, f"http://localhost:{server.port}/bucket/model.tar.gz"
+    dest_server.add_archive("/bucket/model.tar.gz", small.gz)
+    dest_server.inject("/bucket/model.tar.gz", Fault.drop(ODD))  # the resume goes there too
+    server.add_redirect(HANDLE_PATH, dest_url)
+    out = tmp_path / "out"
+    out.mkdir()
+    stats = _core.extract(str(out), url=server.url_for(HANDLE_PATH, "tf-hub-format=compressed"),
+                          fetch={"headers": [AUTH], "max_retries": 2, "low_speed_time": 5})
+    assert tree_digest(out) == small.digest
+    assert stats["source"]["redirects"] == 1 and stats["source"]["resumes"] == 1
+    first = server.stats.requests_for(HANDLE_PATH)
+    assert len(first) == 1 and first[0].authorization == "Bearer xyz"
+    final = dest_server.stats.requests_for("/bucket/model.tar.gz")
+    assert len(final) == 2 and final[1].range == f"bytes={ODD}-"
+    if target == "same_origin":
+        assert all(r.authorization == "Bearer xyz" for r in final)
+    else:
+        assert all(r.authorization is None for r in final), [r.headers for r in final]
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_redirect_followed(server, small, cache_dir, code, relative):
+    server.add_archive("/bucket/model.tar.gz", small.gz)
+    target = "/bucket/model.tar.gz" if relative else server.url_for("/bucket/model.tar.gz")
+    server.add_redirect(HANDLE_PATH, target, status=code)
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["redirects"] == 1 and src["http_requests"] == 2
+
+
+def test_expired_redirect_target_goes_back_to_the_origin(server, server2, small, cache_dir):
+    """A presigned target that answers 403 on a resume: ask the original URL again."""
+    server2.add_archive("/bucket/model.tar.gz", small.gz)
+    server.add_redirect(HANDLE_PATH, server2.url_for("/bucket/model.tar.gz"))
+    server2.inject("/bucket/model.tar.gz", Fault.drop(ODD))
+    server2.inject("/bucket/model.tar.gz", Fault.status(403))
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["resumes"] == 1 and src["redirects"] == 2
+    assert [r.status for r in server.stats.log] == [302, 302]
+    assert [(r.range, r.status) for r in server2.stats.log] == [
+        (None, 200), (f"bytes={ODD}-", 403), (f"bytes={ODD}-", 206)]
+
+
+def test_object_gone_on_resume(server, small, cache_dir):
+    server.add_archive(HANDLE_PATH, small.gz)
+    server.inject(HANDLE_PATH, Fault.drop(ODD))
+    server.inject(HANDLE_PATH, Fault.status(404))
+    resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.HTTPNotFoundError)
+    assert len(gets(server)) == 2
+
+
+def test_redirect_loop(server, small, cache_dir):
+    server.add_redirect(HANDLE_PATH, server.url_for("/org/model/2"))
+    server.add_redirect("/org/model/2", server.url_for(HANDLE_PATH))
+    info = resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.NetworkError, "redirect")
+    assert info.elapsed < 5
+    assert server.stats.total.total_requests <= 12
+
+
+def test_redirect_chain_within_limit(server, small, cache_dir):
+    for i in range(1, 5):
+        server.add_redirect(f"/hop/{i}", server.url_for(f"/hop/{i + 1}"))
+    server.add_redirect("/hop/5", server.url_for("/bucket/model.tar.gz"), status=307)
+    server.add_archive("/bucket/model.tar.gz", small.gz)
+    server.add_redirect(HANDLE_PATH, server.url_for("/hop/1"))
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["redirects"] == 6
+
+
+def test_https_to_http_redirect_refused(tls_server, server, small, cache_dir, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", tls_server.ca_cert)
+    server.add_archive("/bucket/model.tar.gz", small.gz)
+    tls_server.add_redirect(HANDLE_PATH, server.url_for("/bucket/model.tar.gz"))
+    resolve_fails(tls_server.url_for(HANDLE_PATH), cache_dir, errors.NetworkError, "https to http")
+    assert server.stats.total.total_requests == 0
+
+
+def test_http_to_https_redirect_followed(tls_server, server, small, cache_dir, monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", tls_server.ca_cert)
+    tls_server.add_archive("/bucket/model.tar.gz", small.gz)
+    server.add_redirect(HANDLE_PATH, tls_server.url_for("/bucket/model.tar.gz"))
+    src = resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert src["redirects"] == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Ctrl-C
+
+_CHILD = r"""
+import sys
+import hubfast
+try:
+    hubfast.resolve(sys.argv[1])
+    print("FINISHED", flush=True)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+    sys.exit(42)
+"""
+
+
+@pytest.mark.parametrize("phase", ["transfer", "parallel_transfer", "backoff", "before_headers"])
+def test_ctrl_c_interrupts_promptly(small, big, cache_dir, phase):
+    archive = big if phase == "parallel_transfer" else small
+    rate = 1e6 if phase.endswith("transfer") else None
+    with TFHubServer(bandwidth=rate) as srv:
+        srv.add_archive(HANDLE_PATH, archive.gz)
+        if phase == "backoff":
+            srv.inject(HANDLE_PATH, Fault.status(503, retry_after=30), times=5)
+        elif phase == "before_headers":
+            srv.inject(HANDLE_PATH, Fault.delay(30), times=5)
+        env = dict(os.environ, PYTHONPATH=PYTHON_DIR, TFHUB_CACHE_DIR=str(cache_dir),
+                   HUBFAST_STALL_TIMEOUT="60", HUBFAST_MAX_RETRIES="5")
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, srv.url_for(HANDLE_PATH)], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 20
+            while True:  # wait until the child is in the phase we want to interrupt
+                st = srv.stats.path(HANDLE_PATH)
+                if phase.endswith("transfer") and st.body_bytes > 1_500_000:
+                    break
+                if not phase.endswith("transfer") and st.gets >= 1:
+                    time.sleep(0.3)
+                    break
+                assert time.monotonic() < deadline and child.poll() is None, child.communicate()
+                time.sleep(0.01)
+            if phase == "parallel_transfer":
+                assert srv.stats.path(HANDLE_PATH).gets > 1, "not a parallel download"
+            t0 = time.monotonic()
+            child.send_signal(signal.SIGINT)
+            try:
+                out, err = child.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                out, err = child.communicate()
+                pytest.fail(f"child ignored SIGINT for 10 s: {err}")
+            elapsed = time.monotonic() - t0
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        if phase.endswith("transfer"):
+            assert srv.stats.path(HANDLE_PATH).body_bytes < len(archive.gz), "the download finished first"
+    assert child.returncode == 42 and "KeyboardInterrupt" in out, (child.returncode, out, err)
+    assert elapsed < 2.0, elapsed
+    assert_cache_clean(cache_dir)
