@@ -348,7 +348,8 @@ def test_stall_is_detected_and_resumed(server, small, big, cache_dir, monkeypatc
     # Without stall detection this transfer would sit for 60 s.
     server.inject(HANDLE_PATH, Fault.stall(ODD, 60))
     src = resolve_ok(server.url_for(HANDLE_PATH), archive)
-    assert src["resumes"] >= 1
+    # A stall after a few bytes counts as a retry (it costs retry budget), still resumed by Range.
+    assert src["resumes"] + src["retries"] >= 1
     assert src["elapsed"] < 12
     resumed = [r for r in gets(server) if r.range and _range_start(r) == ODD]
     assert len(resumed) == 1 and resumed[0].if_range == etag_of(server)
@@ -360,7 +361,7 @@ def test_stall_of_a_parallel_segment_is_resumed(server, big, cache_dir, monkeypa
     server.inject(HANDLE_PATH, Fault.delay(0))  # the first request goes through
     server.inject(HANDLE_PATH, Fault.stall(ODD, 60))  # the first segment request stalls
     src = resolve_ok(server.url_for(HANDLE_PATH), big)
-    assert src["segments"] > 1 and src["resumes"] == 1
+    assert src["segments"] > 1 and src["resumes"] + src["retries"] == 1
     assert src["elapsed"] < 12
     log = gets(server)
     resumed = [r for r in log if r.range and _range_start(r) % MiB == ODD % MiB]
@@ -375,7 +376,7 @@ def test_trickle_below_the_low_speed_limit_is_resumed(server, small, cache_dir, 
     server.add_archive(HANDLE_PATH, small.gz)
     server.inject(HANDLE_PATH, Fault.slow(500))  # 500 B/s: alive, but far below 1 KiB/s
     src = resolve_ok(server.url_for(HANDLE_PATH), small)
-    assert src["resumes"] == 1
+    assert src["resumes"] + src["retries"] == 1
     assert src["elapsed"] < 8
 
 
@@ -465,10 +466,8 @@ except Exception as e:
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fetch.cc: an attempt that brings any byte resets the retry budget, so a server that stalls "
-    "after a few KB on every request is resumed up to kMaxResumes=200 times, each costing a full "
-    "stall timeout, instead of failing with DownloadTimeoutError after HUBFAST_MAX_RETRIES"))
+# Found by this test and fixed in fetch.cc: an attempt that brought a few
+# bytes and then stalled used to reset the retry budget (up to 200 resumes).
 def test_server_stalling_after_a_few_bytes_on_every_request_fails_in_bounded_time(server, small, cache_dir):
     server.add_archive(HANDLE_PATH, small.gz)
     server.inject(HANDLE_PATH, Fault.stall(20_000, 60), times=100_000)

@@ -1098,8 +1098,13 @@ void HttpSource::fetch_range(Conn& c, RangeTask& t, const HaltFn& halted, const 
       retry_after = parse_retry_after(r.retry_after);
     }
 
-    // A transient failure: resume at once after progress, else back off.
+    // A transient failure: resume at once after progress, else back off. A
+    // stall that brought only a trickle is no progress: a server that sends a
+    // few bytes and stalls on every request must run out of retries.
     if (!(status >= 200 && status < 300)) from_origin = started_resolved;
+    const uint64_t substantial =
+        std::max<uint64_t>(1u << 20, uint64_t(double(opt_.low_speed_limit) * opt_.low_speed_time));
+    if (progressed && last_timeout && a.x.got < substantial) progressed = false;
     if (progressed) {
       failures = 0;
       if (resumes >= kMaxResumes)
