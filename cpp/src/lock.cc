@@ -88,6 +88,25 @@ std::string random_token(size_t n) {
   return s;
 }
 
+bool create_exclusive(const std::string& path, const std::string& content) {
+  std::string tmp = path + "." + random_token(12) + ".new";
+  {
+    Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+    if (!fd) throw_errno("cannot create '" + tmp + "'", errno);
+    if (::write(fd.get(), content.data(), content.size()) != ssize_t(content.size())) {
+      int e = errno;
+      ::unlink(tmp.c_str());
+      throw_errno("cannot write '" + tmp + "'", e);
+    }
+  }
+  int r = ::link(tmp.c_str(), path.c_str());
+  int e = errno;
+  ::unlink(tmp.c_str());
+  if (r == 0) return true;
+  if (e == EEXIST) return false;
+  throw_errno("cannot create '" + path + "'", e);
+}
+
 FileLock FileLock::try_acquire(const std::string& path, bool exclusive) {
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
   if (fd < 0 && !exclusive) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -157,11 +176,7 @@ HeartbeatLock HeartbeatLock::acquire(const std::string& path, double timeout, co
   std::string content = host_name() + " " + std::to_string(::getpid()) + " " + random_token(16) + "\n";
   Waiter w(timeout, poll, "the heartbeat lock '" + path + "' (another process is writing this entry)");
   for (;;) {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd >= 0) {
-      Fd guard(fd);
-      if (::write(fd, content.data(), content.size()) != ssize_t(content.size()))
-        throw_errno("cannot write lock file '" + path + "'", errno);
+    if (create_exclusive(path, content)) {
       HeartbeatLock l;
       l.st_ = std::make_unique<State>();
       l.st_->path = path;
@@ -170,7 +185,6 @@ HeartbeatLock HeartbeatLock::acquire(const std::string& path, double timeout, co
       s->beater = std::thread([s, beat = timing.beat] { s->run(beat); });
       return l;
     }
-    if (errno != EEXIST) throw_errno("cannot create lock file '" + path + "'", errno);
     struct stat st;
     if (::stat(path.c_str(), &st) == 0) {
       std::istringstream owner(read_small(path));

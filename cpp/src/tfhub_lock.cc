@@ -84,17 +84,12 @@ TfhubLock TfhubLock::acquire(const std::string& root, const std::string& name, c
   auto seen_change = Clock::now();
   auto last_poll = Clock::now();
   for (;;) {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd >= 0) {
-      Fd guard(fd);
-      if (::write(fd, content.data(), content.size()) != ssize_t(content.size()))
-        throw_errno("cannot write '" + path + "'", errno);
+    if (create_exclusive(path, content)) {
       TfhubLock l;
       l.path_ = path;
       l.content_ = content;
       return l;
     }
-    if (errno != EEXIST) throw_errno("cannot create '" + path + "'", errno);
     if (ready && ready()) return TfhubLock();
 
     std::string cur = read_small(path);

@@ -77,6 +77,10 @@ class EntryLock {
   HeartbeatLock hb_;
 };
 
+// Creates `path` holding `content` atomically (written beside it, then
+// link()ed into place): false if it already exists. Readers never see it empty.
+bool create_exclusive(const std::string& path, const std::string& content);
+
 // Whether a process with this pid exists on this host.
 bool pid_alive(long pid);
 std::string host_name();
