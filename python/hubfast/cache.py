@@ -17,6 +17,14 @@ _stats_lock = threading.Lock()
 _thread = threading.local()  # per-thread cancel event (set by prefetch threads)
 
 
+# What to do, by cause, appended to errors about the cache directory itself.
+_ADVICE = {
+    errors.DiskFullError: "free space under {root}, or set TFHUB_CACHE_DIR to a larger disk",
+    errors.AccessDeniedError: "{root} is not writable by this user: set TFHUB_CACHE_DIR to a directory "
+                              "you can write, or use HUBFAST_CACHE_LAYERS for a read-only cache",
+}
+
+
 def set_cancel_event(event: Optional[threading.Event]) -> None:
     """Makes fetches on this thread stop when `event` is set (signals reach only
     the main thread, so background fetches are cancelled this way)."""
@@ -124,7 +132,10 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
                                     lock_mode=s.lock_mode, heartbeat_stale=s.heartbeat_stale,
                                     tfhub_stale=s.tfhub_lock_stale, progress=_with_cancel(bar))
     except errors.HubfastError as e:
-        raise errors.with_context(e, handle)
+        # Advice about the cache only when the cache is what failed (not, e.g., the archive).
+        about_cache = isinstance(e, errors.DiskFullError) or s.cache_dir in str(e)
+        advice = _ADVICE.get(type(e), "").format(root=s.cache_dir) if about_cache else ""
+        raise errors.with_context(e, handle, advice)
     finally:
         if bar is not None:
             bar.close()

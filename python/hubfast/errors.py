@@ -185,8 +185,15 @@ def _from_native(kind: str, message: str, code: int) -> BaseException:
     return OSError(code or _errno.EIO, message)
 
 
-def with_context(exc: BaseException, context: str) -> BaseException:
-    """Returns ``exc`` with ``context`` (the handle) prefixed to its message."""
-    if isinstance(exc, HubfastError) and exc.args and context not in str(exc.args[0]):
-        exc.args = (f"{context}: {exc.args[0]}",) + tuple(exc.args[1:])
+def with_context(exc: BaseException, context: str, advice: str = "") -> BaseException:
+    """Returns ``exc`` with ``context`` (the handle) before its message and ``advice`` after."""
+    if isinstance(exc, HubfastError) and exc.args:
+        msg = str(exc.args[0])
+        if context not in msg:
+            msg = f"{context}: {msg}"
+        if advice and advice not in msg:
+            msg = f"{msg}; {advice}"
+        exc.args = (msg,) + tuple(exc.args[1:])
+        if isinstance(exc, OSError):
+            exc.strerror = msg
     return exc

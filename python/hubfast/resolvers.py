@@ -407,6 +407,8 @@ class LocalArchiveResolver(_PlannedResolver):
             st = os.stat(path)
         except FileNotFoundError:
             raise errors.NotFoundError(f"{handle}: archive {path} does not exist") from None
+        except PermissionError:
+            raise errors.AccessDeniedError(f"{handle}: archive {path} is not readable by this user") from None
         key = f"{handle}\0{st.st_size}\0{st.st_mtime_ns}"
         name = hashlib.sha1(key.encode("utf8")).hexdigest()
         return Plan(type(self).__name__, handle, name, path, self._pin(handle, sha256))
