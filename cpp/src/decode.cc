@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "hubfast/digest.h"
 #include "hubfast/error.h"
 #include "hubfast/pzstd.h"
 
@@ -42,6 +43,82 @@ size_t skip_between_members(const uint8_t* p, size_t n, bool* saw_zero) {
 }
 
 #ifdef HUBFAST_HAVE_ISAL
+// RFC 1952 member header, parsed incrementally: ISA-L's own header parsing
+// needs the whole header in one call (intel/isa-l#224), and a header can
+// straddle the pipeline's chunks.
+class GzipHeader {
+ public:
+  void reset() { *this = GzipHeader(); }
+  bool done() const { return state_ == kDone; }
+
+  // Consumes header bytes from p; returns how many it used.
+  size_t consume(const uint8_t* p, size_t n) {
+    size_t i = 0;
+    while (i < n && state_ != kDone) {
+      uint8_t c = p[i++];
+      if (state_ != kHcrc) crc_ = crc32_update(crc_, &c, 1);
+      switch (state_) {
+        case kFixed:
+          fixed_[pos_++] = c;
+          if (pos_ == 10) {
+            if (fixed_[0] != 0x1f || fixed_[1] != 0x8b) corrupt("gzip", "not a gzip member (bad magic)");
+            if (fixed_[2] != 8) corrupt("gzip", "unsupported compression method");
+            if (fixed_[3] & 0xE0) corrupt("gzip", "reserved header flags set");
+            flags_ = fixed_[3];
+            pos_ = 0;
+            next_after(kFixed);
+          }
+          break;
+        case kXlen:
+          xlen_ |= uint32_t(c) << (8 * pos_);
+          if (++pos_ == 2) {
+            pos_ = 0;
+            if (xlen_ == 0) next_after(kExtra);
+            else state_ = kExtra;
+          }
+          break;
+        case kExtra:
+          if (++pos_ == xlen_) {
+            pos_ = 0;
+            next_after(kExtra);
+          }
+          break;
+        case kName:
+          if (c == 0) next_after(kName);
+          break;
+        case kComment:
+          if (c == 0) next_after(kComment);
+          break;
+        case kHcrc:
+          hcrc_ |= uint32_t(c) << (8 * pos_);
+          if (++pos_ == 2) {
+            if (hcrc_ != (crc_ & 0xffff)) corrupt("gzip", "header CRC mismatch");
+            state_ = kDone;
+          }
+          break;
+        case kDone:
+          break;
+      }
+    }
+    return i;
+  }
+
+ private:
+  enum State { kFixed, kXlen, kExtra, kName, kComment, kHcrc, kDone };
+  void next_after(State s) {
+    // The optional fields, in RFC order: FEXTRA, FNAME, FCOMMENT, FHCRC.
+    if (s < kXlen && (flags_ & 4)) { state_ = kXlen; return; }
+    if (s < kName && (flags_ & 8)) { state_ = kName; return; }
+    if (s < kComment && (flags_ & 16)) { state_ = kComment; return; }
+    if (s < kHcrc && (flags_ & 2)) { state_ = kHcrc; return; }
+    state_ = kDone;
+  }
+  State state_ = kFixed;
+  uint8_t fixed_[10] = {};
+  uint8_t flags_ = 0;
+  uint32_t pos_ = 0, xlen_ = 0, hcrc_ = 0, crc_ = 0;
+};
+
 class GzipIsalDecoder : public Decoder {
  public:
   GzipIsalDecoder() : out_(kOutBytes) {}
@@ -56,14 +133,17 @@ class GzipIsalDecoder : public Decoder {
           if (n == 0) return;
         }
         isal_inflate_init(&st_);
-        st_.crc_flag = ISAL_GZIP;
+        st_.crc_flag = ISAL_GZIP_NO_HDR_VER;  // raw deflate, then the trailer checked
+        header_.reset();
         in_member_ = true;
-        member_pos_ = 0;
+      }
+      if (!header_.done()) {
+        size_t used = header_.consume(in, n);
+        in += used;
+        n -= used;
+        if (n == 0) return;
       }
       uint32_t len = uint32_t(std::min<size_t>(n, UINT32_MAX));
-      // ISA-L ignores the reserved FLG bits that RFC 1952 (and zlib) refuse.
-      if (member_pos_ <= 3 && 3 < member_pos_ + len && (in[3 - member_pos_] & 0xE0))
-        corrupt("gzip", "reserved header flags set");
       st_.next_in = const_cast<uint8_t*>(in);
       st_.avail_in = len;
       for (;;) {
@@ -79,7 +159,6 @@ class GzipIsalDecoder : public Decoder {
       size_t used = len - st_.avail_in;
       in += used;
       n -= used;
-      member_pos_ += used;
       if (st_.block_state == ISAL_BLOCK_FINISH) {
         in_member_ = false;
         ++members_;
@@ -104,14 +183,14 @@ class GzipIsalDecoder : public Decoder {
       case ISAL_INVALID_LOOKBACK: return "invalid back-reference distance";
       case ISAL_INVALID_WRAPPER: return "invalid gzip header";
       case ISAL_UNSUPPORTED_METHOD: return "unsupported compression method";
-      case ISAL_INCORRECT_CHECKSUM: return "a checksum does not match (header CRC, or CRC32/size in the trailer)";
+      case ISAL_INCORRECT_CHECKSUM: return "CRC32 or size in the gzip trailer does not match";
       default: return "ISA-L error " + std::to_string(r);
     }
   }
 
   inflate_state st_{};
   std::vector<uint8_t> out_;
-  uint64_t member_pos_ = 0;  // bytes of the current member consumed
+  GzipHeader header_;
   bool in_member_ = false;
   bool saw_zero_ = false;
   uint64_t members_ = 0;
