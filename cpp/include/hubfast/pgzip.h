@@ -1,0 +1,39 @@
+// One gzip stream decoded on several cores (the technique of pugz and
+// rapidgzip). The compressed stream is cut into chunks; in each chunk a
+// worker finds a deflate block start (candidates validated by decoding),
+// decodes from there with back-references into the unknown previous 32 KiB
+// kept as markers, and, once its last 32 KiB of output hold no marker, hands
+// the rest of the chunk to ISA-L with that window as dictionary. Chunk i
+// stops exactly where chunk i+1's block starts (ISA-L is stopped there by
+// an empty final stored block spliced into its input; a start that was a
+// false positive is decoded through instead). The feeding thread resolves
+// the markers in order, emits the output in order and checks every member's
+// CRC32 and ISIZE. Streams below two chunks, or one thread, are decoded by
+// ISA-L in one stream.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "hubfast/decode.h"
+
+namespace hubfast {
+
+// threads <= 0: one per core. Memory stays bounded: at most 2 * threads
+// chunks in flight, each buffering at most a few chunk sizes of output.
+std::unique_ptr<Decoder> make_parallel_gzip_decoder(int threads, size_t chunk_bytes = 4 << 20);
+
+// What a parallel gzip decoder did (for tests and benchmarks).
+struct ParallelGzipStats {
+  bool parallel = false;      // false: decoded as one stream (small, one thread)
+  uint64_t chunks = 0;        // chunk jobs started
+  uint64_t chunks_used = 0;   // speculative chunks whose output was used
+  uint64_t false_starts = 0;  // block starts found that were not real boundaries
+  uint64_t marker_symbols = 0;  // output decoded by our inflater (16-bit symbols)
+  uint64_t isal_bytes = 0;      // output inflated by ISA-L
+};
+
+// Stats of a decoder made by make_parallel_gzip_decoder (zeros otherwise).
+ParallelGzipStats parallel_gzip_stats(const Decoder& d);
+
+}  // namespace hubfast

@@ -1,0 +1,1101 @@
+// The parallel gzip decoder: chunk jobs on a pool of threads, stitched in
+// order on the thread that feeds it. See hubfast/pgzip.h for the technique
+// and pgzip_inflate.h for our own deflate decoding.
+//
+// Life of the stream:
+//   feed() copies the compressed bytes into segments of chunk_bytes. Below
+//   two segments the decoder waits ("probe"): a stream that ends there is
+//   inflated by ISA-L in one go. Past it, one job per segment is queued,
+//   at most 2 * threads at a time.
+//   Job k (k >= 1) finds a block start S_k in segment k (memoised: the job
+//   before it needs the same boundary as its stop point), decodes from there
+//   with our marker inflater until its last 32 KiB hold no marker (or the
+//   real window arrives because it became the oldest job), then continues
+//   with ISA-L. It stops exactly at S_j, the first boundary j > k that its
+//   decoding really reaches: ISA-L is fed up to the byte of S_j followed by
+//   an empty final stored block; if ISA-L finishes there exactly, S_j was a
+//   real block start, otherwise ISA-L's state is restored from a snapshot
+//   and decoding goes on to the next boundary.
+//   The feeding thread emits the oldest job's output as it is produced,
+//   replacing markers with the bytes of the window before it, folds every
+//   piece into the member's CRC32 (crc32_combine of per-piece CRCs), checks
+//   each member's trailer, and then continues with job j. Jobs between k
+//   and j (false starts) are cancelled.
+#include "hubfast/pgzip.h"
+
+#include <zlib.h>
+#ifdef HUBFAST_HAVE_ISAL
+#include <isa-l/crc.h>
+#include <isa-l/igzip_lib.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "hubfast/error.h"
+#include "pgzip_inflate.h"
+
+namespace hubfast {
+
+#ifdef HUBFAST_HAVE_ISAL
+namespace {
+
+using namespace pgzip;
+
+[[noreturn]] void integrity(const std::string& msg) {
+  if (msg.rfind("gzip", 0) == 0) throw Error(ErrorKind::kIntegrity, msg);
+  throw Error(ErrorKind::kIntegrity, "gzip stream is corrupt: " + msg);
+}
+
+std::string isal_message(int r) {
+  switch (r) {
+    case ISAL_INVALID_BLOCK: return "invalid deflate block";
+    case ISAL_INVALID_SYMBOL: return "invalid deflate symbol";
+    case ISAL_INVALID_LOOKBACK: return "invalid back-reference distance";
+    case ISAL_INVALID_WRAPPER: return "invalid gzip header";
+    case ISAL_UNSUPPORTED_METHOD: return "unsupported compression method";
+    case ISAL_INCORRECT_CHECKSUM: return "a checksum does not match (header CRC, or CRC32/size in the trailer)";
+    default: return "ISA-L error " + std::to_string(r);
+  }
+}
+
+// HUBFAST_PGZIP_TRACE=1: one line per job event on stderr (debugging).
+bool tracing() {
+  static const bool on = [] {
+    const char* e = std::getenv("HUBFAST_PGZIP_TRACE");
+    return e && *e && *e != '0';
+  }();
+  return on;
+}
+#define PGZ_TRACE(...)                     \
+  do {                                     \
+    if (tracing()) std::fprintf(stderr, __VA_ARGS__); \
+  } while (0)
+
+uint32_t le32(const uint8_t* p) {
+  return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
+}
+
+// ---- one stream: small archives, one thread ----------------------------------
+
+class SeqGzip {
+ public:
+  SeqGzip() : st_(std::make_unique<inflate_state>()), out_(1 << 20) {}
+
+  void feed(const uint8_t* in, size_t n, const OutFn& out) {
+    while (n > 0) {
+      if (!in_member_) {
+        if (members_ > 0) {
+          size_t i = 0;
+          while (i < n && in[i] == 0) ++i;
+          if (i > 0) saw_zero_ = true;
+          if (i < n && (saw_zero_ || in[i] != 0x1f))
+            integrity("gzip stream is corrupt: garbage after the end of the compressed data");
+          in += i;
+          n -= i;
+          if (n == 0) return;
+        }
+        isal_inflate_init(st_.get());
+        st_->crc_flag = ISAL_GZIP;
+        in_member_ = true;
+        member_pos_ = 0;
+      }
+      uint32_t len = uint32_t(std::min<size_t>(n, UINT32_MAX));
+      if (member_pos_ <= 3 && 3 < member_pos_ + len && (in[3 - member_pos_] & 0xE0))
+        integrity("reserved header flags set");
+      st_->next_in = const_cast<uint8_t*>(in);
+      st_->avail_in = len;
+      for (;;) {
+        st_->next_out = out_.data();
+        st_->avail_out = uint32_t(out_.size());
+        int r = isal_inflate(st_.get());
+        if (r < 0) integrity(isal_message(r));
+        size_t produced = out_.size() - st_->avail_out;
+        if (produced) out(out_.data(), produced);
+        if (st_->block_state == ISAL_BLOCK_FINISH) break;
+        if (st_->avail_in == 0 && st_->avail_out > 0) break;
+      }
+      size_t used = len - st_->avail_in;
+      in += used;
+      n -= used;
+      member_pos_ += used;
+      if (st_->block_state == ISAL_BLOCK_FINISH) {
+        in_member_ = false;
+        ++members_;
+      }
+    }
+  }
+
+  void finish() {
+    if (in_member_)
+      throw Error(ErrorKind::kIntegrity, "gzip stream is truncated: it ends before its trailer (CRC32, size)");
+    if (members_ == 0) throw Error(ErrorKind::kIntegrity, "gzip stream is empty");
+  }
+
+  uint64_t units() const { return members_; }
+
+ private:
+  std::unique_ptr<inflate_state> st_;
+  std::vector<uint8_t> out_;
+  uint64_t member_pos_ = 0;
+  bool in_member_ = false;
+  bool saw_zero_ = false;
+  uint64_t members_ = 0;
+};
+
+// ---- the parallel decoder ----------------------------------------------------
+
+struct MemberEnd {
+  size_t offset;  // in the piece's output
+  uint32_t crc, isize;
+};
+
+// A run of one job's output, handed to the feeding thread.
+struct Piece {
+  bool marked = false;
+  std::vector<uint8_t> bytes;   // clean output (capacity: the piece size)
+  std::vector<uint16_t> syms;   // marked output
+  size_t len = 0;
+  std::vector<MemberEnd> ends;  // member trailers met inside this piece
+  std::vector<uint32_t> crcs;   // clean: CRC32 of each span between ends
+};
+
+struct Window {
+  std::vector<uint8_t> bytes = std::vector<uint8_t>(kWindow);
+  uint32_t valid = 0;  // how many of the last bytes belong to the current member
+};
+
+enum class JobEnd { kNone, kHit, kStreamEnd, kError, kVoid, kCancelled };
+
+struct Job {
+  explicit Job(uint64_t i) : index(i), min_seg(i) {}
+  const uint64_t index;
+  std::atomic<bool> cancelled{false};
+  std::atomic<bool> window_ready{false};
+  std::atomic<uint64_t> min_seg;  // lowest segment it may still read
+  // Guarded by the decoder's mutex.
+  std::deque<Piece> pieces;
+  size_t buffered = 0;
+  bool current = false;
+  bool done = false;
+  std::shared_ptr<const Window> window;
+  JobEnd end = JobEnd::kNone;
+  uint64_t end_boundary = 0;
+  std::string error;
+};
+
+class ParallelGzip;
+
+struct Stats {
+  std::atomic<uint64_t> chunks{0}, chunks_used{0}, false_starts{0}, marker_symbols{0}, isal_bytes{0};
+};
+
+class ParallelGzip : public Decoder {
+ public:
+  ParallelGzip(int threads, size_t chunk_bytes)
+      : threads_(std::max(1, threads)),
+        C_(std::max<size_t>(chunk_bytes, 256)),
+        piece_bytes_(std::clamp<size_t>(C_ / 2, 16 << 10, 2 << 20)),
+        max_inflight_(size_t(threads_) * 2),
+        threshold_(2 * C_) {
+    // Output a job may hold before it is its turn: 4 chunks' worth, within
+    // ~96 MiB over all jobs in flight, never less than two pieces.
+    budget_ = std::max<size_t>(std::min<size_t>(4 * C_, (96u << 20) / max_inflight_), 2 * piece_bytes_);
+    if (threads_ <= 1) {
+      mode_ = Mode::kSequential;
+      seq_ = std::make_unique<SeqGzip>();
+    }
+  }
+
+  ~ParallelGzip() override {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      eof_ = true;
+      for (auto& kv : jobs_) kv.second->cancelled = true;
+      for (auto& j : queue_) j->cancelled = true;
+    }
+    work_cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  void feed(const uint8_t* in, size_t n, const OutFn& out) override {
+    if (mode_ == Mode::kSequential) return seq_->feed(in, n, out);
+    while (n > 0) {
+      if (!open_) {
+        open_ = std::make_shared<Segment>();
+        open_->index = open_index_;
+        open_->base = open_index_ * C_;
+        {
+          std::lock_guard<std::mutex> lk(mu_);
+          if (!seg_pool_.empty()) {
+            open_->data = std::move(seg_pool_.back());
+            seg_pool_.pop_back();
+            open_->data.clear();
+          }
+        }
+        open_->data.reserve(C_);
+      }
+      size_t k = std::min(n, C_ - open_->data.size());
+      open_->data.insert(open_->data.end(), in, in + k);
+      in += k;
+      n -= k;
+      total_in_ += k;
+      if (open_->data.size() == C_) publish_open();
+      if (mode_ == Mode::kProbe && total_in_ >= threshold_) start_parallel();
+      if (mode_ == Mode::kParallel) {
+        drain(out, Wait::kNo);
+        drain(out, Wait::kBackpressure);
+      }
+    }
+  }
+
+  void finish(const OutFn& out) override {
+    if (mode_ == Mode::kSequential) return seq_->finish();
+    if (open_ && !open_->data.empty()) publish_open();
+    if (mode_ == Mode::kProbe) {
+      // Too small to pay: one stream.
+      mode_ = Mode::kSequential;
+      seq_ = std::make_unique<SeqGzip>();
+      std::deque<SegPtr> segs;
+      segs.swap(segs_);
+      for (auto& s : segs) seq_->feed(s->data.data(), s->data.size(), out);
+      segs.clear();
+      return seq_->finish();
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      eof_ = true;
+    }
+    work_cv_.notify_all();
+    drain(out, Wait::kUntilEnd);
+    if (!ended_) throw Error(ErrorKind::kIntegrity, "gzip stream is truncated");
+  }
+
+  uint64_t units() const override { return seq_ ? seq_->units() : members_; }
+
+  ParallelGzipStats stats() const {
+    ParallelGzipStats s;
+    s.parallel = parallel_started_;
+    s.chunks = stats_.chunks;
+    s.chunks_used = stats_.chunks_used;
+    s.false_starts = stats_.false_starts;
+    s.marker_symbols = stats_.marker_symbols;
+    s.isal_bytes = stats_.isal_bytes;
+    return s;
+  }
+
+ private:
+  friend class JobRun;
+  enum class Mode { kProbe, kParallel, kSequential };
+  enum class Wait { kNo, kBackpressure, kUntilEnd };
+  struct Slot {
+    enum State { kFree, kBusy, kDone } state = kFree;
+    Boundary b;
+  };
+
+  // ---- feeding thread ----
+
+  void publish_open() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      segs_.push_back(std::move(open_));
+      ++published_;
+    }
+    open_.reset();
+    ++open_index_;
+    work_cv_.notify_all();
+  }
+
+  void start_parallel();
+
+  bool must_wait_locked() const {
+    // Two whole segments wait for a job slot and no job waits for data.
+    return published_ >= next_job_ + 2 && waiting_.empty();
+  }
+
+  void housekeeping_locked() {
+    for (auto it = jobs_.begin(); it != jobs_.end();) {
+      Job& j = *it->second;
+      if (j.done && !j.current && (j.end == JobEnd::kVoid || j.end == JobEnd::kCancelled))
+        it = jobs_.erase(it);
+      else
+        ++it;
+    }
+    bool added = false;
+    while (jobs_.size() < max_inflight_ && next_job_ < published_) {
+      add_job_locked(next_job_++);
+      added = true;
+    }
+    if (added) work_cv_.notify_all();
+  }
+
+  std::shared_ptr<Job> add_job_locked(uint64_t index) {
+    auto job = std::make_shared<Job>(index);
+    jobs_[index] = job;
+    queue_.push_back(job);
+    return job;
+  }
+
+  void make_current_locked(const std::shared_ptr<Job>& job) {
+    auto w = std::make_shared<Window>();
+    w->bytes = win_.bytes;
+    w->valid = win_.valid;
+    job->window = std::move(w);
+    job->current = true;
+    job->window_ready = true;
+    cur_ = job;
+    work_cv_.notify_all();
+  }
+
+  void trim_locked() {
+    uint64_t floor = next_job_;
+    for (auto& kv : jobs_)
+      if (!kv.second->done) floor = std::min<uint64_t>(floor, kv.second->min_seg.load());
+    while (seg_first_ < floor && !segs_.empty()) {
+      // Nobody else holds it (all copies are taken under mu_): reuse its
+      // buffer for the next segment instead of faulting in fresh pages.
+      if (segs_.front().use_count() == 1 && seg_pool_.size() < 4)
+        seg_pool_.push_back(std::move(const_cast<Segment&>(*segs_.front()).data));
+      segs_.pop_front();
+      ++seg_first_;
+    }
+    while (!slots_.empty() && slots_.begin()->first < floor) slots_.erase(slots_.begin());
+  }
+
+  void drain(const OutFn& out, Wait wait) {
+    for (;;) {
+      std::deque<Piece> got;
+      bool done = false;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        housekeeping_locked();
+        if (ended_ || !cur_) return;
+        got.swap(cur_->pieces);
+        cur_->buffered = 0;
+        done = cur_->done;
+        if (got.empty() && !done) {
+          if (wait == Wait::kNo) return;
+          if (wait == Wait::kBackpressure && !must_wait_locked()) return;
+          main_cv_.wait(lk);
+          continue;
+        }
+      }
+      for (auto& p : got) process_piece(p, out);
+      if (done) advance_chain();
+    }
+  }
+
+  void process_piece(Piece& p, const OutFn& out) {
+    const uint8_t* bytes;
+    if (p.marked) {
+      if (resolve_buf_.size() < p.len) resolve_buf_.resize(p.len);
+      const Window& w = *cur_->window;
+      const uint32_t lowest = kWindow - w.valid;
+      uint8_t* o = resolve_buf_.data();
+      const uint8_t* wb = w.bytes.data();
+      for (size_t i = 0; i < p.len; ++i) {
+        uint16_t s = p.syms[i];
+        if (s < 256) {
+          o[i] = uint8_t(s);
+        } else {
+          uint32_t idx = s - 256u;
+          if (idx < lowest) integrity("invalid distance too far back");
+          o[i] = wb[idx];
+        }
+      }
+      bytes = o;
+    } else {
+      bytes = p.bytes.data();
+    }
+    if (p.len) out(bytes, p.len);
+    size_t a = 0;
+    for (size_t i = 0; i <= p.ends.size(); ++i) {
+      size_t b = i < p.ends.size() ? p.ends[i].offset : p.len;
+      if (b > a) {
+        uint32_t c = p.marked ? crc32_gzip_refl(0, bytes + a, b - a) : p.crcs[i];
+        member_crc_ = uint32_t(crc32_combine(member_crc_, c, z_off_t(b - a)));
+        member_len_ += b - a;
+      }
+      if (i < p.ends.size()) {
+        if (p.ends[i].crc != member_crc_ || p.ends[i].isize != uint32_t(member_len_))
+          integrity(p.ends[i].crc != member_crc_ ? "gzip stream is corrupt: CRC32 mismatch"
+                                                 : "gzip stream is corrupt: length (ISIZE) mismatch");
+        ++members_;
+        member_crc_ = 0;
+        member_len_ = 0;
+      }
+      a = b;
+    }
+    // The rolling window of the last 32 KiB.
+    if (p.len >= kWindow) {
+      std::memcpy(win_.bytes.data(), bytes + p.len - kWindow, kWindow);
+    } else if (p.len) {
+      std::memmove(win_.bytes.data(), win_.bytes.data() + p.len, kWindow - p.len);
+      std::memcpy(win_.bytes.data() + kWindow - p.len, bytes, p.len);
+    }
+    uint64_t since = p.ends.empty() ? uint64_t(win_.valid) + p.len : p.len - p.ends.back().offset;
+    win_.valid = uint32_t(std::min<uint64_t>(since, kWindow));
+    if (!p.marked) recycle(std::move(p.bytes));
+  }
+
+  void advance_chain() {
+    std::shared_ptr<Job> job = cur_;
+    PGZ_TRACE("main: job %llu done, end %d boundary %llu\n", (unsigned long long)job->index, int(job->end),
+              (unsigned long long)job->end_boundary);
+    switch (job->end) {
+      case JobEnd::kError: integrity(job->error);
+      case JobEnd::kStreamEnd: {
+        std::lock_guard<std::mutex> lk(mu_);
+        ended_ = true;
+        for (auto& kv : jobs_) kv.second->cancelled = true;
+        jobs_.clear();
+        cur_.reset();
+        work_cv_.notify_all();
+        return;
+      }
+      case JobEnd::kHit: {
+        std::lock_guard<std::mutex> lk(mu_);
+        uint64_t j = job->end_boundary;
+        for (auto it = jobs_.begin(); it != jobs_.end();) {
+          if (it->first < j) {
+            it->second->cancelled = true;
+            it = jobs_.erase(it);
+          } else {
+            ++it;
+          }
+        }
+        std::shared_ptr<Job> next;
+        auto it = jobs_.find(j);
+        if (it != jobs_.end()) {
+          next = it->second;
+        } else {
+          next = add_job_locked(j);
+        }
+        next_job_ = std::max(next_job_, j + 1);
+        ++stats_.chunks_used;
+        make_current_locked(next);
+        trim_locked();
+        return;
+      }
+      default: throw Error(ErrorKind::kIntegrity, "gzip stream: internal error in the parallel decoder");
+    }
+  }
+
+  // ---- worker side ----
+
+  void worker();
+
+  SegPtr get_segment(uint64_t i, Job& job) {
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      if (job.cancelled || stop_) throw Cancelled();
+      if (i < published_) {
+        if (i < seg_first_)
+          throw DecodeError("internal error: segment " + std::to_string(i) + " was released (first kept " +
+                            std::to_string(seg_first_) + ", job " + std::to_string(job.index) + ")");
+        return segs_[i - seg_first_];
+      }
+      if (eof_) return nullptr;
+      waiting_.push_back(i);
+      main_cv_.notify_all();
+      work_cv_.wait(lk);
+      waiting_.erase(std::find(waiting_.begin(), waiting_.end(), i));
+    }
+  }
+
+  Boundary get_boundary(uint64_t j, Job& job, SegmentSource* src) {
+    std::unique_lock<std::mutex> lk(mu_);
+    for (;;) {
+      if (job.cancelled || stop_) throw Cancelled();
+      Slot& s = slots_[j];
+      if (s.state == Slot::kDone) return s.b;
+      if (s.state == Slot::kFree) {
+        s.state = Slot::kBusy;
+        lk.unlock();
+        Boundary b;
+        try {
+          b = find_boundary(src, j);
+        } catch (...) {
+          lk.lock();
+          slots_[j].state = Slot::kFree;
+          work_cv_.notify_all();
+          throw;
+        }
+        lk.lock();
+        Slot& s2 = slots_[j];
+        s2.b = b;
+        s2.state = Slot::kDone;
+        work_cv_.notify_all();
+        return b;
+      }
+      work_cv_.wait(lk);
+    }
+  }
+
+  std::shared_ptr<const Window> window_of(Job& job) {
+    std::lock_guard<std::mutex> lk(mu_);
+    return job.window;
+  }
+
+  void publish(Job& job, Piece&& p) {
+    std::unique_lock<std::mutex> lk(mu_);
+    if (job.cancelled || stop_) throw Cancelled();
+    job.buffered += p.marked ? p.len * 2 : p.bytes.size();
+    job.pieces.push_back(std::move(p));
+    main_cv_.notify_all();
+    work_cv_.wait(lk, [&] { return job.current || job.buffered <= budget_ || job.cancelled || stop_; });
+    if (job.cancelled || stop_) throw Cancelled();
+  }
+
+  std::vector<uint8_t> take_buffer() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!pool_.empty()) {
+        auto b = std::move(pool_.back());
+        pool_.pop_back();
+        return b;
+      }
+    }
+    return std::vector<uint8_t>(piece_bytes_);
+  }
+
+  void recycle(std::vector<uint8_t>&& b) {
+    if (b.size() != piece_bytes_) return;
+    std::lock_guard<std::mutex> lk(mu_);
+    if (pool_.size() < max_inflight_ * (budget_ / piece_bytes_ + 2)) pool_.push_back(std::move(b));
+  }
+
+  const int threads_;
+  const size_t C_;
+  const size_t piece_bytes_;
+  const size_t max_inflight_;
+  const uint64_t threshold_;
+  size_t budget_;
+
+  // Feeding thread only.
+  Mode mode_ = Mode::kProbe;
+  std::unique_ptr<SeqGzip> seq_;
+  std::shared_ptr<Segment> open_;
+  uint64_t open_index_ = 0;
+  uint64_t total_in_ = 0;
+  bool parallel_started_ = false;
+  Window win_;
+  uint32_t member_crc_ = 0;
+  uint64_t member_len_ = 0;
+  uint64_t members_ = 0;
+  std::vector<uint8_t> resolve_buf_;
+
+  // Shared, guarded by mu_.
+  std::mutex mu_;
+  std::condition_variable work_cv_, main_cv_;
+  std::deque<SegPtr> segs_;
+  uint64_t seg_first_ = 0;
+  uint64_t published_ = 0;
+  bool eof_ = false;
+  bool stop_ = false;
+  bool ended_ = false;
+  std::vector<uint64_t> waiting_;
+  std::map<uint64_t, Slot> slots_;
+  std::map<uint64_t, std::shared_ptr<Job>> jobs_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  uint64_t next_job_ = 0;
+  std::shared_ptr<Job> cur_;
+  std::vector<std::vector<uint8_t>> pool_;      // output piece buffers
+  std::vector<std::vector<uint8_t>> seg_pool_;  // segment buffers
+  Stats stats_;
+
+  std::vector<std::thread> workers_;
+};
+
+// ---- one chunk job -------------------------------------------------------------
+
+class JobRun {
+ public:
+  JobRun(ParallelGzip& d, Job& job)
+      : d_(d), job_(job), src_(d, job), C_(d.C_), st_(std::make_unique<inflate_state>()),
+        snap_(std::make_unique<inflate_state>()) {}
+
+  struct Result {
+    JobEnd end = JobEnd::kNone;
+    uint64_t boundary = 0;
+  };
+
+  Result run() {
+    Boundary start;
+    if (job_.index == 0) {
+      start = {Boundary::kMember, 0};
+    } else {
+      start = d_.get_boundary(job_.index, job_, &src_);
+      if (start.kind == Boundary::kNone) return {JobEnd::kVoid, 0};
+    }
+    ++d_.stats_.chunks;
+    next_t_ = job_.index + 1;
+    PGZ_TRACE("job %llu: start kind %d at %llu (window %d)\n", (unsigned long long)job_.index, int(start.kind),
+              (unsigned long long)start.pos, int(job_.window_ready.load()));
+    piece_.bytes = d_.take_buffer();
+    if (start.kind == Boundary::kMember) {
+      BitReader br(&src_);
+      br.seek(start.pos * 8);
+      uint64_t ds = parse_gzip_header(br);
+      isal_run(ds * 8, nullptr);
+    } else if (start.kind == Boundary::kDynamic && job_.window_ready) {
+      auto w = d_.window_of(job_);
+      isal_run(start.pos, w->bytes.data());
+    } else {
+      marker_phase(start);
+    }
+    return result_;
+  }
+
+ private:
+  struct Src : SegmentSource {
+    Src(ParallelGzip& d, Job& j) : d(d), job(j) {}
+    SegPtr get(uint64_t index) override { return d.get_segment(index, job); }
+    uint64_t segment_bytes() const override { return d.C_; }
+    ParallelGzip& d;
+    Job& job;
+  };
+
+  // ---- stop points ----
+
+  uint64_t floor_bits(uint64_t j) const { return j * C_ * 8 - 16; }
+
+  static uint64_t last_bit(const Boundary& b) {
+    switch (b.kind) {
+      case Boundary::kDynamic: return b.pos;
+      case Boundary::kStored: return b.pos * 8 - 3;
+      default: return b.pos * 8;
+    }
+  }
+
+  // Learns the next boundary once decoding has come near its segment.
+  void resolve_upto(uint64_t bitpos) {
+    while (!t_resolved_ && !t_none_ && bitpos >= floor_bits(next_t_)) {
+      if (!d_.get_segment(next_t_, job_)) {
+        t_none_ = true;
+        break;
+      }
+      tb_ = d_.get_boundary(next_t_, job_, &src_);
+      if (tb_.kind == Boundary::kNone) {
+        ++next_t_;
+        continue;
+      }
+      t_resolved_ = true;
+    }
+  }
+
+  void miss() {
+    PGZ_TRACE("job %llu: miss boundary %llu kind %d at %llu\n", (unsigned long long)job_.index,
+              (unsigned long long)next_t_, int(tb_.kind), (unsigned long long)tb_.pos);
+    t_resolved_ = false;
+    ++next_t_;
+    ++d_.stats_.false_starts;
+  }
+
+  // Segments below this are no longer read: nothing behind the position
+  // (ISA-L may hand back up to 8 bytes), and the next boundary's segment
+  // may still have to be searched (a long block can pass several).
+  void set_min_seg(uint64_t byte) { job_.min_seg = std::min<uint64_t>((byte > 64 ? byte - 64 : 0) / C_, next_t_); }
+
+  // ---- output ----
+
+  void publish_clean() {
+    if (piece_.len == 0 && piece_.ends.empty()) return;
+    size_t a = 0;
+    for (size_t i = 0; i <= piece_.ends.size(); ++i) {
+      size_t b = i < piece_.ends.size() ? piece_.ends[i].offset : piece_.len;
+      piece_.crcs.push_back(b > a ? crc32_gzip_refl(0, piece_.bytes.data() + a, b - a) : 0);
+      a = b;
+    }
+    d_.stats_.isal_bytes += piece_.len;
+    Piece p = std::move(piece_);
+    piece_ = Piece();
+    d_.publish(job_, std::move(p));
+    piece_.bytes = d_.take_buffer();
+  }
+
+  void publish_marked(const uint16_t* s, size_t n) {
+    Piece p;
+    p.marked = true;
+    p.syms.assign(s, s + n);
+    p.len = n;
+    d_.stats_.marker_symbols += n;
+    d_.publish(job_, std::move(p));
+  }
+
+  void end_hit() {
+    PGZ_TRACE("job %llu: hit boundary %llu kind %d at %llu\n", (unsigned long long)job_.index,
+              (unsigned long long)next_t_, int(tb_.kind), (unsigned long long)tb_.pos);
+    publish_clean();
+    result_ = {JobEnd::kHit, next_t_};
+  }
+
+  void end_stream() {
+    PGZ_TRACE("job %llu: stream end\n", (unsigned long long)job_.index);
+    publish_clean();
+    result_ = {JobEnd::kStreamEnd, 0};
+  }
+
+  // ---- member ends ----
+
+  enum class After { kHit, kStreamEnd, kNewMember };
+
+  // After a member's last block: its trailer at byte t, then a new member,
+  // zero padding to the end, or the end.
+  After after_member(uint64_t t, uint64_t* deflate_start) {
+    BitReader br(&src_);
+    br.seek(t * 8);
+    uint8_t tr[8];
+    br.read_bytes(tr, 8);
+    piece_.ends.push_back({piece_.len, le32(tr), le32(tr + 4)});
+    uint64_t m = t + 8;
+    PGZ_TRACE("job %llu: member end, trailer at %llu\n", (unsigned long long)job_.index, (unsigned long long)t);
+    resolve_upto(m * 8);
+    if (t_resolved_ && tb_.kind == Boundary::kMember && tb_.pos == m) return After::kHit;
+    skip_behind(m * 8);
+    if (br.at_end()) return After::kStreamEnd;
+    unsigned c = unsigned(br.peek() & 0xff);
+    if (c == 0) {
+      while (!br.at_end())
+        if (br.bits(8) != 0) fail_garbage();
+      return After::kStreamEnd;
+    }
+    if (c != 0x1f) fail_garbage();
+    *deflate_start = parse_gzip_header(br);
+    skip_behind(*deflate_start * 8);
+    return After::kNewMember;
+  }
+
+  [[noreturn]] static void fail_garbage() {
+    throw DecodeError("gzip stream is corrupt: garbage after the end of the compressed data");
+  }
+
+  // Boundaries that lie behind `bitpos` can no longer be reached.
+  void skip_behind(uint64_t bitpos) {
+    for (;;) {
+      resolve_upto(bitpos);
+      if (!t_resolved_ || last_bit(tb_) >= bitpos) return;
+      miss();
+    }
+  }
+
+  // ---- our inflater until the window is clean ----
+
+  bool check_targets(uint64_t q, MarkerInflater& inf) {
+    for (;;) {
+      resolve_upto(q);
+      if (!t_resolved_) return false;
+      switch (tb_.kind) {
+        case Boundary::kDynamic:
+          if (q == tb_.pos) return true;
+          if (q > tb_.pos) {
+            miss();
+            continue;
+          }
+          return false;
+        case Boundary::kStored:
+          if (q > tb_.pos * 8 - 3) {
+            miss();
+            continue;
+          }
+          return q >= tb_.pos * 8 - 10 && inf.peek_header3() == 0;
+        default:
+          if (q > tb_.pos * 8) {
+            miss();
+            continue;
+          }
+          return false;
+      }
+    }
+  }
+
+  void marker_phase(const Boundary& start) {
+    size_t flush_syms = std::min<size_t>(64 << 10, d_.piece_bytes_ / 2);
+    MarkerInflater inf(&src_, flush_syms, [this](const uint16_t* s, size_t n) { publish_marked(s, n); });
+    if (start.kind == Boundary::kStored)
+      inf.start_in_stored(start.pos);
+    else
+      inf.start_at_block(start.pos);
+    bool first = true, resolved = false;
+    for (;;) {
+      if (!first) {
+        uint64_t q = inf.pos();
+        set_min_seg(q / 8);
+        if (check_targets(q, inf)) {
+          inf.flush();
+          end_hit();
+          return;
+        }
+        if (!resolved && job_.window_ready) {
+          inf.resolve_window(d_.window_of(job_)->bytes.data());
+          resolved = true;
+        }
+        if (inf.window_clean()) {
+          inf.flush();
+          std::vector<uint8_t> dict(kWindow);
+          inf.window_bytes(dict.data());
+          isal_run(q, dict.data());
+          return;
+        }
+      }
+      first = false;
+      if (job_.cancelled) throw Cancelled();
+      if (inf.decode_block()) {
+        inf.flush();
+        uint64_t t = (inf.pos() + 7) / 8;
+        uint64_t ds = 0;
+        switch (after_member(t, &ds)) {
+          case After::kHit: end_hit(); return;
+          case After::kStreamEnd: end_stream(); return;
+          case After::kNewMember: isal_run(ds * 8, nullptr); return;
+        }
+      }
+    }
+  }
+
+  // ---- ISA-L for the rest ----
+
+  uint8_t byte_at(uint64_t pos) {
+    SegPtr s = d_.get_segment(pos / C_, job_);
+    if (!s || pos - s->base >= s->data.size()) throw DecodeError("gzip stream is truncated (byte_at)");
+    return s->data[pos - s->base];
+  }
+
+  void isal_init(const uint8_t* dict, uint64_t bitpos) {
+    isal_inflate_init(st_.get());
+    st_->crc_flag = ISAL_DEFLATE;
+    if (dict) isal_inflate_set_dict(st_.get(), const_cast<uint8_t*>(dict), kWindow);
+    in_ = bitpos / 8;
+    if (bitpos & 7) {
+      unsigned sh = unsigned(bitpos & 7);
+      st_->read_in = uint64_t(byte_at(in_)) >> sh;
+      st_->read_in_length = int32_t(8 - sh);
+      ++in_;
+    }
+  }
+
+  void isal_run(uint64_t bitpos, const uint8_t* dict) {
+    PGZ_TRACE("job %llu: isal from bit %llu (dict %d)\n", (unsigned long long)job_.index,
+              (unsigned long long)bitpos, dict != nullptr);
+    isal_init(dict, bitpos);
+    for (;;) {
+      resolve_upto(in_ * 8);
+      uint64_t stop;
+      if (t_resolved_) {
+        stop = tb_.kind == Boundary::kDynamic ? tb_.pos / 8 : tb_.pos;
+        if (stop < in_) {
+          miss();
+          continue;
+        }
+      } else {
+        stop = t_none_ ? UINT64_MAX : (floor_bits(next_t_) + 7) / 8;
+      }
+      if (in_ < stop) {
+        uint64_t t = 0;
+        Fed f = feed_real(stop, &t);
+        if (f == Fed::kEof) throw DecodeError("gzip stream is truncated: it ends inside a deflate stream");
+        if (f == Fed::kMemberEnd) {
+          uint64_t ds = 0;
+          switch (after_member(t, &ds)) {
+            case After::kHit: end_hit(); return;
+            case After::kStreamEnd: end_stream(); return;
+            case After::kNewMember: isal_init(nullptr, ds * 8); continue;
+          }
+        }
+        continue;
+      }
+      // Standing right before the boundary.
+      if (tb_.kind != Boundary::kMember && try_tail()) {
+        end_hit();
+        return;
+      }
+      miss();
+    }
+  }
+
+  enum class Fed { kDone, kMemberEnd, kEof };
+
+  Fed feed_real(uint64_t stop, uint64_t* trailer) {
+    const size_t cap = piece_.bytes.size();
+    while (in_ < stop) {
+      SegPtr s = d_.get_segment(in_ / C_, job_);
+      if (!s || in_ - s->base >= s->data.size()) return Fed::kEof;
+      uint64_t off = in_ - s->base;
+      size_t n = size_t(std::min<uint64_t>(s->data.size() - off, stop - in_));
+      n = std::min<size_t>(n, 1u << 30);
+      st_->next_in = const_cast<uint8_t*>(s->data.data() + off);
+      st_->avail_in = uint32_t(n);
+      for (;;) {
+        if (piece_.len == cap) publish_clean();
+        uint32_t room = uint32_t(cap - piece_.len);
+        uint32_t avail_before = st_->avail_in;
+        st_->next_out = piece_.bytes.data() + piece_.len;
+        st_->avail_out = room;
+        int r = isal_inflate(st_.get());
+        size_t produced = room - st_->avail_out;
+        piece_.len += produced;
+        if (r < 0) throw DecodeError(isal_message(r));
+        if (st_->block_state == ISAL_BLOCK_FINISH) {
+          // The deflate data ends read_in_length bits before what ISA-L
+          // took (ISA-L 2.30 keeps those bits; later versions give whole
+          // bytes back through avail_in): the trailer starts at the next byte.
+          int64_t used = int64_t(n) - int64_t(st_->avail_in);
+          int64_t end_bit = (int64_t(in_) + used) * 8 - int64_t(st_->read_in_length);
+          *trailer = uint64_t((end_bit + 7) / 8);
+          in_ = *trailer;
+          return Fed::kMemberEnd;
+        }
+        if (st_->avail_in == 0 && st_->avail_out > 0) break;
+        if (produced == 0 && st_->avail_in == avail_before && st_->avail_out > 0)
+          throw DecodeError("inflate made no progress");
+      }
+      in_ += n;
+      set_min_seg(in_);
+      if (job_.cancelled) throw Cancelled();
+    }
+    return Fed::kDone;
+  }
+
+  // Feeds an empty final stored block in place of what follows the
+  // boundary: ISA-L finishing exactly there proves the boundary real.
+  bool try_tail() {
+    if (piece_.bytes.size() - piece_.len < (64u << 10)) publish_clean();
+    std::memcpy(snap_.get(), st_.get(), sizeof(inflate_state));
+    const size_t len0 = piece_.len;
+    uint8_t tail[16];
+    size_t n = 0;
+    if (tb_.kind == Boundary::kDynamic) {
+      unsigned sh = unsigned(tb_.pos & 7);
+      uint8_t b0 = sh ? uint8_t(byte_at(tb_.pos / 8) & ((1u << sh) - 1)) : 0;
+      tail[n++] = uint8_t(b0 | (1u << sh));  // BFINAL 1, BTYPE 00
+      if (sh >= 6) tail[n++] = 0;
+    } else {  // the real header (BFINAL 0) was read: close its block empty
+      tail[n++] = 0;
+      tail[n++] = 0;
+      tail[n++] = 0xff;
+      tail[n++] = 0xff;
+      tail[n++] = 1;
+    }
+    tail[n++] = 0;
+    tail[n++] = 0;
+    tail[n++] = 0xff;
+    tail[n++] = 0xff;
+    st_->next_in = tail;
+    st_->avail_in = uint32_t(n);
+    uint32_t room = uint32_t(piece_.bytes.size() - piece_.len);
+    st_->next_out = piece_.bytes.data() + piece_.len;
+    st_->avail_out = room;
+    int r = isal_inflate(st_.get());
+    piece_.len += room - st_->avail_out;
+    bool hit = r >= 0 && st_->block_state == ISAL_BLOCK_FINISH && st_->avail_in == 0 && st_->read_in_length == 0;
+    if (!hit) {
+      std::memcpy(st_.get(), snap_.get(), sizeof(inflate_state));
+      piece_.len = len0;
+    }
+    return hit;
+  }
+
+  ParallelGzip& d_;
+  Job& job_;
+  Src src_;
+  const uint64_t C_;
+  std::unique_ptr<inflate_state> st_, snap_;
+  uint64_t in_ = 0;  // next compressed byte for ISA-L
+  Piece piece_;
+  Result result_;
+  // The next stop point: boundary next_t_, once known.
+  uint64_t next_t_ = 0;
+  bool t_resolved_ = false;
+  bool t_none_ = false;  // no segment left: decode to the end
+  Boundary tb_;
+};
+
+void ParallelGzip::start_parallel() {
+  mode_ = Mode::kParallel;
+  parallel_started_ = true;
+  for (int i = 0; i < threads_; ++i) workers_.emplace_back([this] { worker(); });
+  std::lock_guard<std::mutex> lk(mu_);
+  auto job0 = add_job_locked(0);
+  next_job_ = 1;
+  win_.valid = 0;
+  make_current_locked(job0);
+  housekeeping_locked();
+}
+
+void ParallelGzip::worker() {
+  for (;;) {
+    std::shared_ptr<Job> job;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      work_cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+      if (stop_) return;
+      job = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    JobRun::Result res;
+    std::string error;
+    if (job->cancelled) {
+      res.end = JobEnd::kCancelled;
+    } else {
+      try {
+        JobRun run(*this, *job);
+        res = run.run();
+      } catch (const Cancelled&) {
+        res.end = JobEnd::kCancelled;
+      } catch (const DecodeError& e) {
+        res.end = JobEnd::kError;
+        error = e.what();
+        PGZ_TRACE("job %llu: error %s\n", (unsigned long long)job->index, e.what());
+      } catch (const std::exception& e) {
+        res.end = JobEnd::kError;
+        error = std::string("gzip decoding failed: ") + e.what();
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job->end = res.end;
+      job->end_boundary = res.boundary;
+      job->error = std::move(error);
+      job->done = true;
+    }
+    main_cv_.notify_all();
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<Decoder> make_parallel_gzip_decoder(int threads, size_t chunk_bytes) {
+  if (threads <= 0) threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  return std::make_unique<ParallelGzip>(threads, chunk_bytes);
+}
+
+ParallelGzipStats parallel_gzip_stats(const Decoder& d) {
+  if (auto* p = dynamic_cast<const ParallelGzip*>(&d)) return p->stats();
+  return {};
+}
+
+#else  // no ISA-L: zlib, one stream
+
+std::unique_ptr<Decoder> make_parallel_gzip_decoder(int, size_t) {
+  DecodeOptions opt;
+  opt.use_isal = false;
+  opt.threads = 1;
+  return make_decoder(Compression::kGzip, opt);
+}
+
+ParallelGzipStats parallel_gzip_stats(const Decoder&) { return {}; }
+
+#endif
+
+}  // namespace hubfast

@@ -1,0 +1,508 @@
+// The parallel gzip decoder against zlib's inflate: byte-identical output on
+// every kind of data and deflate block, chunk boundaries in every kind of
+// block (small chunks), multi-member streams, and corrupt streams refused.
+#include <catch2/catch.hpp>
+
+#include <zlib.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../src/pgzip_inflate.h"
+#include "hubfast/decode.h"
+#include "hubfast/error.h"
+#include "hubfast/pgzip.h"
+
+using namespace hubfast;
+
+namespace {
+
+using Bytes = std::vector<uint8_t>;
+
+struct GzOptions {
+  int level = 6;
+  int strategy = Z_DEFAULT_STRATEGY;
+  int mem_level = 8;
+  bool header_fields = false;  // FEXTRA, FNAME, FCOMMENT, FHCRC
+  size_t flush_every = 0;      // Z_SYNC_FLUSH every n input bytes (pigz-like)
+  size_t full_flush_every = 0;
+};
+
+Bytes gzip(const Bytes& in, const GzOptions& o = {}) {
+  z_stream zs{};
+  REQUIRE(deflateInit2(&zs, o.level, Z_DEFLATED, 15 + 16, o.mem_level, o.strategy) == Z_OK);
+  gz_header h{};
+  static unsigned char extra[] = "AB\x04\x00xyzw";
+  static char name[] = "variables.data-00000-of-00001";
+  static char comment[] = "a comment";
+  if (o.header_fields) {
+    h.extra = extra;
+    h.extra_len = 8;
+    h.name = reinterpret_cast<Bytef*>(name);
+    h.comment = reinterpret_cast<Bytef*>(comment);
+    h.hcrc = 1;
+    REQUIRE(deflateSetHeader(&zs, &h) == Z_OK);
+  }
+  Bytes out(deflateBound(&zs, uLong(in.size())) + 1024 + in.size() / 100);
+  zs.next_out = out.data();
+  zs.avail_out = uInt(out.size());
+  size_t pos = 0;
+  size_t step = o.flush_every ? o.flush_every : (o.full_flush_every ? o.full_flush_every : in.size() + 1);
+  for (;;) {
+    size_t n = std::min(step, in.size() - pos);
+    zs.next_in = const_cast<Bytef*>(in.data() + pos);
+    zs.avail_in = uInt(n);
+    pos += n;
+    bool last = pos == in.size();
+    int flush = last ? Z_FINISH : (o.full_flush_every ? Z_FULL_FLUSH : Z_SYNC_FLUSH);
+    int r;
+    do {
+      if (zs.avail_out == 0) {
+        size_t used = out.size();
+        out.resize(out.size() * 2);
+        zs.next_out = out.data() + used;
+        zs.avail_out = uInt(out.size() - used);
+      }
+      r = deflate(&zs, flush);
+      REQUIRE(r != Z_STREAM_ERROR);
+    } while (zs.avail_out == 0 || (last && r != Z_STREAM_END));
+    if (last) break;
+  }
+  out.resize(zs.total_out);
+  deflateEnd(&zs);
+  return out;
+}
+
+// zlib's reading of a (possibly multi-member) gzip stream; false on error.
+bool zlib_gunzip(const Bytes& in, Bytes* out) {
+  out->clear();
+  size_t pos = 0;
+  bool any = false;
+  while (pos < in.size()) {
+    if (any) {
+      // Zero padding after a member is accepted to the end.
+      size_t z = pos;
+      while (z < in.size() && in[z] == 0) ++z;
+      if (z == in.size()) return true;
+      if (z != pos) return false;
+    }
+    z_stream zs{};
+    if (inflateInit2(&zs, 15 + 16) != Z_OK) return false;
+    zs.next_in = const_cast<Bytef*>(in.data() + pos);
+    zs.avail_in = uInt(in.size() - pos);
+    Bytes buf(1 << 16);
+    int r;
+    do {
+      zs.next_out = buf.data();
+      zs.avail_out = uInt(buf.size());
+      r = inflate(&zs, Z_NO_FLUSH);
+      out->insert(out->end(), buf.data(), buf.data() + (buf.size() - zs.avail_out));
+    } while (r == Z_OK);
+    size_t used = zs.total_in;
+    inflateEnd(&zs);
+    if (r != Z_STREAM_END) return false;
+    pos += used;
+    any = true;
+  }
+  return any;
+}
+
+struct Decoded {
+  Bytes out;
+  ParallelGzipStats stats;
+  uint64_t units = 0;
+};
+
+Decoded pgunzip(const Bytes& gz, int threads, size_t chunk, uint32_t seed = 1) {
+  auto d = make_parallel_gzip_decoder(threads, chunk);
+  Decoded r;
+  auto sink = [&](const uint8_t* p, size_t n) { r.out.insert(r.out.end(), p, p + n); };
+  std::mt19937 rng(seed);
+  size_t pos = 0;
+  while (pos < gz.size()) {
+    size_t n = std::min<size_t>(gz.size() - pos, 1 + rng() % (3 * chunk / 2 + 1));
+    d->feed(gz.data() + pos, n, sink);
+    pos += n;
+  }
+  d->finish(sink);
+  r.stats = parallel_gzip_stats(*d);
+  r.units = d->units();
+  return r;
+}
+
+// Throws hubfast::Error of kind kIntegrity, or returns the output.
+bool pgunzip_fails(const Bytes& gz, int threads, size_t chunk) {
+  try {
+    pgunzip(gz, threads, chunk);
+  } catch (const Error& e) {
+    CHECK(e.kind() == ErrorKind::kIntegrity);
+    return true;
+  }
+  return false;
+}
+
+Bytes random_bytes(size_t n, uint32_t seed) {
+  std::mt19937_64 rng(seed);
+  Bytes b(n);
+  for (size_t i = 0; i < n; i += 8) {
+    uint64_t v = rng();
+    std::memcpy(b.data() + i, &v, std::min<size_t>(8, n - i));
+  }
+  return b;
+}
+
+Bytes gaussian_floats(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  Bytes b(n & ~size_t(3));
+  for (size_t i = 0; i + 4 <= b.size(); i += 4) {
+    float f = nd(rng);
+    std::memcpy(b.data() + i, &f, 4);
+  }
+  return b;
+}
+
+Bytes text(size_t n, uint32_t seed) {
+  static const char* words[] = {"the",    "model",   "weights", "of",     "a",      "layer",  "are",
+                                "stored", "in",      "variables", "tensor", "float", "gzip", "deflate",
+                                "hub",    "signature", "serving", "default", "\n",    "kernel:0", "bias"};
+  std::mt19937 rng(seed);
+  std::string s;
+  while (s.size() < n) {
+    s += words[rng() % (sizeof words / sizeof *words)];
+    s += (rng() % 7 == 0) ? ", " : " ";
+  }
+  s.resize(n);
+  return Bytes(s.begin(), s.end());
+}
+
+Bytes pattern(size_t n, size_t period) {
+  Bytes b(n);
+  for (size_t i = 0; i < n; ++i) b[i] = uint8_t((i % period) * 7 + 1);
+  return b;
+}
+
+// Runs of every kind: random, zeros, text, floats, short and long repeats.
+Bytes mixed(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  Bytes b;
+  while (b.size() < n) {
+    size_t len = 1000 + rng() % 200000;
+    Bytes part;
+    switch (rng() % 5) {
+      case 0: part = random_bytes(len, rng()); break;
+      case 1: part = Bytes(len, 0); break;
+      case 2: part = text(len, rng()); break;
+      case 3: part = gaussian_floats(len, rng()); break;
+      default: part = pattern(len, 1 + rng() % 300); break;
+    }
+    b.insert(b.end(), part.begin(), part.end());
+  }
+  b.resize(n);
+  return b;
+}
+
+void check_roundtrip(const Bytes& data, const GzOptions& o, size_t chunk, int threads = 2) {
+  Bytes gz = gzip(data, o);
+  Bytes ref;
+  REQUIRE(zlib_gunzip(gz, &ref));
+  REQUIRE(ref == data);
+  Decoded d = pgunzip(gz, threads, chunk);
+  REQUIRE(d.out.size() == data.size());
+  REQUIRE(d.out == data);
+  CHECK(d.units == 1);
+}
+
+}  // namespace
+
+TEST_CASE("pgzip: Huffman tables follow zlib's rules", "[pgzip]") {
+  using namespace pgzip;
+  HuffTable t;
+  uint8_t complete[4] = {1, 2, 3, 3};
+  CHECK(build_table(complete, 4, CodeUse::kLitLen, 10, true, &t));
+  uint8_t over[3] = {1, 1, 1};
+  CHECK_FALSE(build_table(over, 3, CodeUse::kLitLen, 10, false, &t));
+  uint8_t single[2] = {1, 0};  // one code of length 1: zlib accepts it
+  CHECK(build_table(single, 2, CodeUse::kDist, 8, false, &t));
+  CHECK_FALSE(build_table(single, 2, CodeUse::kDist, 8, true, &t));
+  uint8_t incomplete[3] = {2, 2, 0};
+  CHECK_FALSE(build_table(incomplete, 3, CodeUse::kDist, 8, false, &t));
+  uint8_t none[3] = {0, 0, 0};  // no distance codes at all: fine until one is used
+  CHECK(build_table(none, 3, CodeUse::kDist, 8, false, &t));
+}
+
+TEST_CASE("pgzip: the block finder finds real block starts", "[pgzip]") {
+  using namespace pgzip;
+  Bytes data = gaussian_floats(3 << 20, 7);
+  Bytes gz = gzip(data);
+  BufferSource src(gz.data(), gz.size(), 256 << 10);
+  int found = 0;
+  for (uint64_t i = 1; i * (256 << 10) < gz.size(); ++i) {
+    Boundary b = find_boundary(&src, i);
+    if (b.kind == Boundary::kNone) continue;
+    ++found;
+    CHECK(b.first_bit() >= i * (256 << 10) * 8 - 10);
+    // Decoding from there with markers must reach the end of the stream.
+    uint64_t syms = 0;
+    MarkerInflater inf(&src, 1 << 16, [&](const uint16_t*, size_t n) { syms += n; });
+    if (b.kind == Boundary::kStored)
+      inf.start_in_stored(b.pos);
+    else
+      inf.start_at_block(b.pos);
+    while (!inf.decode_block()) {
+    }
+    inf.flush();
+    CHECK(syms > 0);
+  }
+  CHECK(found >= 8);
+}
+
+TEST_CASE("pgzip: byte-identical to zlib on every kind of data", "[pgzip]") {
+  const size_t n = 3 << 20;
+  struct Case {
+    const char* name;
+    Bytes data;
+  };
+  std::vector<Case> cases;
+  cases.push_back({"random", random_bytes(n, 1)});
+  cases.push_back({"float32 gaussian", gaussian_floats(n, 2)});
+  cases.push_back({"text", text(n, 3)});
+  cases.push_back({"zeros", Bytes(n, 0)});
+  cases.push_back({"pattern 3", pattern(n, 3)});
+  cases.push_back({"pattern 1000", pattern(n, 1000)});
+  cases.push_back({"mixed", mixed(n, 4)});
+  for (auto& c : cases) {
+    for (int level : {0, 1, 6, 9}) {
+      for (size_t chunk : {size_t(64) << 10, size_t(256) << 10}) {
+        INFO(c.name << ", level " << level << ", chunk " << chunk);
+        GzOptions o;
+        o.level = level;
+        check_roundtrip(c.data, o, chunk);
+      }
+    }
+  }
+}
+
+TEST_CASE("pgzip: fixed-Huffman blocks, small blocks, flushes", "[pgzip]") {
+  Bytes data = mixed(2 << 20, 11);
+  SECTION("fixed Huffman only") {
+    GzOptions o;
+    o.strategy = Z_FIXED;
+    check_roundtrip(data, o, 64 << 10);
+  }
+  SECTION("huffman only, RLE, filtered") {
+    for (int s : {Z_HUFFMAN_ONLY, Z_RLE, Z_FILTERED}) {
+      GzOptions o;
+      o.strategy = s;
+      check_roundtrip(data, o, 64 << 10);
+    }
+  }
+  SECTION("many small blocks (memLevel 1)") {
+    GzOptions o;
+    o.mem_level = 1;
+    check_roundtrip(data, o, 64 << 10);
+  }
+  SECTION("sync flushes every 32 KiB (pigz-like: empty stored blocks)") {
+    GzOptions o;
+    o.flush_every = 32 << 10;
+    check_roundtrip(data, o, 64 << 10);
+  }
+  SECTION("full flushes") {
+    GzOptions o;
+    o.full_flush_every = 100 << 10;
+    check_roundtrip(data, o, 64 << 10);
+  }
+  SECTION("header fields") {
+    GzOptions o;
+    o.header_fields = true;
+    check_roundtrip(data, o, 64 << 10);
+  }
+}
+
+TEST_CASE("pgzip: chunk sizes and thread counts", "[pgzip]") {
+  Bytes data = mixed(4 << 20, 21);
+  Bytes gz = gzip(data);
+  for (size_t chunk : {size_t(4) << 10, size_t(17) << 10, size_t(64) << 10, size_t(1) << 20}) {
+    for (int threads : {1, 2, 3, 4, 8}) {
+      INFO("chunk " << chunk << ", threads " << threads);
+      Decoded d = pgunzip(gz, threads, chunk, uint32_t(chunk + threads));
+      REQUIRE(d.out == data);
+      CHECK(d.stats.parallel == (threads > 1 && gz.size() >= 2 * chunk));
+    }
+  }
+}
+
+TEST_CASE("pgzip: speculative chunks are used", "[pgzip]") {
+  Bytes data = gaussian_floats(8 << 20, 5);
+  Bytes gz = gzip(data);
+  Decoded d = pgunzip(gz, 2, 256 << 10);
+  REQUIRE(d.out == data);
+  CHECK(d.stats.parallel);
+  CHECK(d.stats.chunks >= 20);
+  CHECK(d.stats.chunks_used >= 20);
+  CHECK(d.stats.isal_bytes > data.size() / 2);
+  CHECK(d.stats.marker_symbols > 0);
+}
+
+TEST_CASE("pgzip: small streams and one thread go through one stream", "[pgzip]") {
+  Bytes data = text(1 << 20, 9);
+  Bytes gz = gzip(data);
+  Decoded d = pgunzip(gz, 2, 4 << 20);
+  CHECK(d.out == data);
+  CHECK_FALSE(d.stats.parallel);
+  Decoded d1 = pgunzip(gz, 1, 64 << 10);
+  CHECK(d1.out == data);
+  CHECK_FALSE(d1.stats.parallel);
+  Bytes empty_gz = gzip(Bytes());
+  CHECK(pgunzip(empty_gz, 2, 64 << 10).out.empty());
+}
+
+TEST_CASE("pgzip: multi-member streams", "[pgzip]") {
+  std::mt19937 rng(3);
+  Bytes all, gz;
+  int members = 0;
+  // bgzip-like small members, members around the chunk size, an empty one.
+  for (size_t size : {size_t(60000), size_t(60000), size_t(0), size_t(300000), size_t(65536), size_t(1) << 20,
+                      size_t(70000), size_t(700000), size_t(100), size_t(2) << 20}) {
+    Bytes part = mixed(size, rng());
+    GzOptions o;
+    o.level = int(rng() % 10);
+    o.header_fields = rng() % 2;
+    Bytes g = gzip(part, o);
+    all.insert(all.end(), part.begin(), part.end());
+    gz.insert(gz.end(), g.begin(), g.end());
+    ++members;
+  }
+  for (int i = 0; i < 60; ++i) {  // many bgzip-like members
+    Bytes part = gaussian_floats(20000 + rng() % 50000, rng());
+    Bytes g = gzip(part);
+    all.insert(all.end(), part.begin(), part.end());
+    gz.insert(gz.end(), g.begin(), g.end());
+    ++members;
+  }
+  Bytes ref;
+  REQUIRE(zlib_gunzip(gz, &ref));
+  REQUIRE(ref == all);
+  for (size_t chunk : {size_t(16) << 10, size_t(64) << 10, size_t(300) << 10}) {
+    INFO("chunk " << chunk);
+    Decoded d = pgunzip(gz, 2, chunk);
+    REQUIRE(d.out == all);
+    CHECK(d.units == uint64_t(members));
+  }
+  SECTION("trailing zeros are accepted, garbage is not") {
+    Bytes z = gz;
+    z.insert(z.end(), 100000, 0);
+    CHECK(pgunzip(z, 2, 64 << 10).out == all);
+    Bytes g = gz;
+    g.push_back('x');
+    CHECK(pgunzip_fails(g, 2, 64 << 10));
+    Bytes zg = gz;
+    zg.insert(zg.end(), 1000, 0);
+    zg.push_back(0x1f);
+    CHECK(pgunzip_fails(zg, 2, 64 << 10));
+    Bytes half = gz;
+    half.push_back(0x1f);
+    CHECK(pgunzip_fails(half, 2, 64 << 10));
+  }
+}
+
+TEST_CASE("pgzip: corrupt streams are refused", "[pgzip]") {
+  Bytes data = mixed(2 << 20, 31);
+  Bytes gz = gzip(data);
+  const size_t chunk = 64 << 10;
+  SECTION("empty and header-only") {
+    CHECK(pgunzip_fails(Bytes(), 2, chunk));
+    CHECK(pgunzip_fails(Bytes(gz.begin(), gz.begin() + 10), 2, chunk));
+    CHECK(pgunzip_fails(Bytes(1 << 20, 0), 2, chunk));
+  }
+  SECTION("truncated") {
+    for (size_t cut : {gz.size() - 1, gz.size() - 4, gz.size() - 8, gz.size() - 9, gz.size() / 2, size_t(200000)}) {
+      INFO("cut at " << cut);
+      CHECK(pgunzip_fails(Bytes(gz.begin(), gz.begin() + long(cut)), 2, chunk));
+    }
+  }
+  SECTION("bad CRC, bad ISIZE") {
+    Bytes c = gz;
+    c[c.size() - 8] ^= 1;
+    CHECK(pgunzip_fails(c, 2, chunk));
+    Bytes s = gz;
+    s[s.size() - 4] ^= 1;
+    CHECK(pgunzip_fails(s, 2, chunk));
+  }
+  SECTION("flipped bytes in every chunk") {
+    std::mt19937 rng(5);
+    int refused = 0;
+    for (size_t c0 = 0; c0 < gz.size(); c0 += chunk) {
+      for (int k = 0; k < 3; ++k) {
+        size_t pos = std::max<size_t>(10, c0 + rng() % chunk);
+        if (pos >= gz.size()) continue;
+        Bytes bad = gz;
+        bad[pos] ^= uint8_t(1 + rng() % 255);
+        Bytes ref;
+        bool zok = zlib_gunzip(bad, &ref);
+        INFO("byte " << pos << " of " << gz.size());
+        if (zok) {
+          CHECK(pgunzip(bad, 2, chunk).out == ref);
+        } else {
+          CHECK(pgunzip_fails(bad, 2, chunk));
+          ++refused;
+        }
+      }
+    }
+    CHECK(refused > 20);
+  }
+  SECTION("reserved flags") {
+    Bytes r = gz;
+    r[3] |= 0x20;
+    CHECK(pgunzip_fails(r, 2, chunk));
+  }
+}
+
+TEST_CASE("pgzip: long marker chains and output far larger than the input", "[pgzip]") {
+  // 64 MiB of zeros and of a short pattern: chunks expand ~1000x, markers
+  // propagate through whole chunks, jobs pause at their output budget.
+  for (size_t period : {size_t(1), size_t(5)}) {
+    Bytes data = pattern(64 << 20, period);
+    if (period == 1) std::fill(data.begin(), data.end(), 0);
+    Bytes gz = gzip(data, {9});
+    for (size_t chunk : {size_t(4) << 10, size_t(16) << 10}) {
+      INFO("period " << period << ", chunk " << chunk);
+      Decoded d = pgunzip(gz, 3, chunk);
+      REQUIRE(d.out.size() == data.size());
+      REQUIRE(d.out == data);
+    }
+  }
+}
+
+TEST_CASE("pgzip: abandoned mid-stream, and an out() that throws", "[pgzip]") {
+  Bytes data = gaussian_floats(6 << 20, 8);
+  Bytes gz = gzip(data);
+  for (size_t stop_at : {size_t(100000), gz.size() / 3, gz.size() - 10}) {
+    auto d = make_parallel_gzip_decoder(3, 64 << 10);
+    size_t got = 0;
+    auto sink = [&](const uint8_t*, size_t n) { got += n; };
+    for (size_t pos = 0; pos < stop_at; pos += 50000)
+      d->feed(gz.data() + pos, std::min<size_t>(50000, stop_at - pos), sink);
+    d.reset();  // workers cancelled and joined, no hang
+  }
+  struct Stop {};
+  auto d = make_parallel_gzip_decoder(2, 64 << 10);
+  size_t got = 0;
+  auto sink = [&](const uint8_t*, size_t n) {
+    got += n;
+    if (got > (1 << 20)) throw Stop();
+  };
+  bool stopped = false;
+  try {
+    for (size_t pos = 0; pos < gz.size(); pos += 50000)
+      d->feed(gz.data() + pos, std::min<size_t>(50000, gz.size() - pos), sink);
+    d->finish(sink);
+  } catch (const Stop&) {
+    stopped = true;
+  }
+  CHECK(stopped);
+  d.reset();
+}
