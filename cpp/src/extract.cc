@@ -132,6 +132,12 @@ void remove_tree_at(int parent_fd, const std::string& name) {
     ::close(fd);
     throw_errno("cannot list '" + name + "'", e);
   }
+  struct Closer {  // the handle is closed whatever a recursive call throws
+    DIR*& d;
+    ~Closer() {
+      if (d) ::closedir(d);
+    }
+  } closer{d};
   std::vector<std::pair<std::string, bool>> children;
   while (dirent* e = ::readdir(d)) {
     std::string n = e->d_name;
@@ -147,12 +153,11 @@ void remove_tree_at(int parent_fd, const std::string& name) {
     if (is_dir) {
       remove_tree_at(::dirfd(d), n);
     } else if (::unlinkat(::dirfd(d), n.c_str(), 0) != 0 && errno != ENOENT) {
-      int err = errno;
-      ::closedir(d);
-      throw_errno("cannot remove '" + name + "/" + n + "'", err);
+      throw_errno("cannot remove '" + name + "/" + n + "'", errno);
     }
   }
   ::closedir(d);
+  d = nullptr;
   if (::unlinkat(parent_fd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT)
     throw_errno("cannot remove directory '" + name + "'", errno);
 }

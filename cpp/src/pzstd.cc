@@ -17,6 +17,12 @@ namespace {
 
 constexpr size_t kMaxFrameBuffer = 64u << 20;  // larger frames: sequential
 
+bool is_skippable(const uint8_t* p, size_t n) {
+  if (n < 4) return false;
+  uint32_t magic = uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
+  return (magic & 0xFFFFFFF0u) == 0x184D2A50u;
+}
+
 struct Job {
   Bytes in, out;
   std::string error;
@@ -47,14 +53,29 @@ class ParallelZstdDecoder : public Decoder {
       size_t len = ZSTD_findFrameCompressedSize(pending_.data() + pos, pending_.size() - pos);
       if (ZSTD_isError(len)) {
         if (ZSTD_getErrorCode(len) != ZSTD_error_srcSize_wrong)
-          throw Error(ErrorKind::kIntegrity, std::string("zstd stream is corrupt: ") + ZSTD_getErrorName(len));
+          throw Error(ZSTD_getErrorCode(len) == ZSTD_error_frameParameter_windowTooLarge ? ErrorKind::kLimit
+                                                                                        : ErrorKind::kIntegrity,
+                      std::string("zstd stream is corrupt: ") + ZSTD_getErrorName(len));
         break;  // the frame is not complete yet
       }
+      // A frame that does not declare a bounded size could decode to
+      // gigabytes from a few KiB (RLE blocks): only the streaming decoder,
+      // whose memory is bounded, may take it.
+      unsigned long long content = ZSTD_getFrameContentSize(pending_.data() + pos, len);
+      bool skippable = is_skippable(pending_.data() + pos, len);
+      if (!skippable && (content == ZSTD_CONTENTSIZE_UNKNOWN || content == ZSTD_CONTENTSIZE_ERROR ||
+                         content > kMaxFrameBuffer))
+        break;
       submit(Bytes(pending_.begin() + long(pos), pending_.begin() + long(pos + len)), out);
       pos += len;
     }
     pending_.erase(pending_.begin(), pending_.begin() + long(pos));
-    if (pending_.size() > kMaxFrameBuffer) {
+    bool unbounded_frame = false;
+    if (!pending_.empty()) {
+      size_t len = ZSTD_findFrameCompressedSize(pending_.data(), pending_.size());
+      unbounded_frame = !ZSTD_isError(len);  // complete, but not ours to buffer (see above)
+    }
+    if (pending_.size() > kMaxFrameBuffer || unbounded_frame) {
       // One huge frame: nothing to parallelise. Drain, then stream the rest.
       drain(out);
       sequential_ = make_decoder(Compression::kZstd, opt_);
@@ -69,7 +90,6 @@ class ParallelZstdDecoder : public Decoder {
     if (sequential_) {
       drain(out);
       sequential_->finish(out);
-      units_ += sequential_->units();
       return;
     }
     drain(out);
@@ -82,10 +102,7 @@ class ParallelZstdDecoder : public Decoder {
  private:
   void submit(Bytes frame, const OutFn& out) {
     // Skippable frames (seek tables) decode to nothing: no job needed.
-    uint32_t magic = frame.size() >= 4 ? uint32_t(frame[0]) | uint32_t(frame[1]) << 8 |
-                                             uint32_t(frame[2]) << 16 | uint32_t(frame[3]) << 24
-                                       : 0;
-    if ((magic & 0xFFFFFFF0u) == 0x184D2A50u) return;
+    if (is_skippable(frame.data(), frame.size())) return;
     while (order_.size() >= max_inflight_) emit_ready(out, true);
     auto job = std::make_shared<Job>();
     job->in = std::move(frame);

@@ -202,8 +202,10 @@ void TarReader::on_extension_done() {
         char c = ext_body_[i];
         if (c < '0' || c > '9') corrupt("malformed pax record length");
         len = len * 10 + uint64_t(c - '0');
+        if (len > ext_body_.size()) corrupt("pax record longer than its header");
       }
-      if (len <= sp - pos + 1 || pos + len > ext_body_.size() || ext_body_[pos + len - 1] != '\n')
+      // len <= size() - pos: never wraps (a length near 2^64 would loop forever).
+      if (len <= sp - pos + 1 || len > ext_body_.size() - pos || ext_body_[pos + len - 1] != '\n')
         corrupt("malformed pax record");
       std::string rec = ext_body_.substr(sp + 1, pos + len - 1 - (sp + 1));
       size_t eq = rec.find('=');
@@ -273,7 +275,7 @@ void TarReader::start_member(char type, uint64_t size, uint32_t mode, std::strin
   }
   if (m.path.empty())
     throw Error(ErrorKind::kUnsafeArchive, "member '" + shown + "' is a file named like the target itself");
-  if (size > limits_.max_total_bytes || total_bytes_ + size > limits_.max_total_bytes)
+  if (size > limits_.max_total_bytes || size > limits_.max_total_bytes - total_bytes_)
     throw Error(ErrorKind::kLimit, "archive members exceed " + std::to_string(limits_.max_total_bytes) +
                                        " bytes in total (limit max_total_bytes) at '" + m.path + "'");
   total_bytes_ += size;
