@@ -57,13 +57,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", default="3")
+    ap.add_argument("--assemble-only", action="store_true",
+                    help="only rebuild RESULTS.md and the chart from bench/out")
     args = ap.parse_args()
+    if args.assemble_only:
+        return assemble()
     q = ["--quick"] if args.quick else ["--runs", args.runs]
     part("bench_extract.py", *(q if args.quick else q + ["--sizes", "1024,2048"]))
     if (HERE / "bench_fetch.py").exists():
         part("bench_fetch.py", *(q if args.quick else q + ["--sizes", "256,1024"]))
     part("bench_coldstart.py", *(q if args.quick else q + ["--sizes", "256,1024"]))
     part("bench_processes.py", *(q if args.quick else q + ["--size", "1024"]))
+    assemble()
+
+
+def assemble() -> None:
     chart()
     head = (HERE / "RESULTS.head.md").read_text() if (HERE / "RESULTS.head.md").exists() else ""
     parts = [head] + [(common.OUT / f"{p}.md").read_text()
