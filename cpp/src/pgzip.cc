@@ -13,9 +13,11 @@
 //   real window arrives because it became the oldest job), then continues
 //   with ISA-L. It stops exactly at S_j, the first boundary j > k that its
 //   decoding really reaches: ISA-L is fed up to the byte of S_j followed by
-//   an empty final stored block; if ISA-L finishes there exactly, S_j was a
-//   real block start, otherwise ISA-L's state is restored from a snapshot
-//   and decoding goes on to the next boundary.
+//   stored blocks with sentinel contents, the last one final (try_tail); if
+//   ISA-L finishes exactly there with the sentinels as its last output, S_j
+//   was a real block start, otherwise ISA-L's state is restored from a
+//   snapshot and decoding goes on to the next boundary. Our own inflater
+//   sees block boundaries and checks them directly.
 //   The feeding thread emits the oldest job's output as it is produced,
 //   replacing markers with the bytes of the window before it, folds every
 //   piece into the member's CRC32 (crc32_combine of per-piece CRCs), checks
@@ -206,7 +208,10 @@ class ParallelGzip : public Decoder {
       : threads_(std::max(1, threads)),
         C_(std::max<size_t>(chunk_bytes, 256)),
         piece_bytes_(std::clamp<size_t>(C_ / 2, 16 << 10, 2 << 20)),
-        max_inflight_(size_t(threads_) * 2),
+        // 2 chunks per thread, but never more than ~160 MiB of compressed
+        // segments and their pieces in flight (many-core machines).
+        max_inflight_(std::min<size_t>(size_t(threads_) * 2,
+                                       std::max<size_t>(4, (size_t(160) << 20) / (C_ + piece_bytes_)))),
         threshold_(2 * C_) {
     // Output a job may hold before it is its turn: 4 chunks' worth, within
     // ~96 MiB over all jobs in flight, never less than two pieces.
@@ -338,6 +343,9 @@ class ParallelGzip : public Decoder {
       added = true;
     }
     if (added) work_cv_.notify_all();
+    // A job may decode through many segments (a stream with few block
+    // starts): release what no job can read any more as it goes.
+    trim_locked();
   }
 
   std::shared_ptr<Job> add_job_locked(uint64_t index) {
@@ -868,7 +876,7 @@ class JobRun {
 
   uint8_t byte_at(uint64_t pos) {
     SegPtr s = d_.get_segment(pos / C_, job_);
-    if (!s || pos - s->base >= s->data.size()) throw DecodeError("gzip stream is truncated (byte_at)");
+    if (!s || pos - s->base >= s->data.size()) throw DecodeError("gzip stream is truncated");
     return s->data[pos - s->base];
   }
 
@@ -967,30 +975,46 @@ class JobRun {
     return Fed::kDone;
   }
 
-  // Feeds an empty final stored block in place of what follows the
-  // boundary: ISA-L finishing exactly there proves the boundary real.
+  // Proves a boundary real by feeding, in place of what follows it, stored
+  // blocks whose contents are sentinels, the last one final: ISA-L must
+  // finish exactly at the end of that input with the sentinels as its last
+  // output. At a dynamic block start: a final stored block holding S2. At a
+  // stored block's LEN field (its header read): LEN 8 with S1 closes that
+  // block, then the final block with S2. A decoder standing inside a
+  // Huffman block there may read the bytes as codes that happen to end in
+  // an end-of-block right before the final block (regular bytes such as
+  // 00 00 ff ff do), but it does not produce S1 from them; one standing
+  // inside stored data (the only way to copy them verbatim) is refused by
+  // its state.
   bool try_tail() {
+    static constexpr uint8_t kS1[8] = {0x96, 0x0f, 0x5a, 0xe1, 0x3c, 0x78, 0xc3, 0xa5};
+    static constexpr uint8_t kS2[8] = {0x5a, 0xc3, 0x96, 0x0f, 0xe1, 0x3c, 0xa5, 0x78};
+    if (st_->block_state == ISAL_BLOCK_TYPE0) return false;
     if (piece_.bytes.size() - piece_.len < (64u << 10)) publish_clean();
     std::memcpy(snap_.get(), st_.get(), sizeof(inflate_state));
     const size_t len0 = piece_.len;
-    uint8_t tail[16];
+    uint8_t tail[48];
     size_t n = 0;
+    auto stored8 = [&](const uint8_t* sentinel) {
+      tail[n++] = 8;  // LEN 8, NLEN ~8
+      tail[n++] = 0;
+      tail[n++] = 0xf7;
+      tail[n++] = 0xff;
+      std::memcpy(tail + n, sentinel, 8);
+      n += 8;
+    };
+    size_t expect = 8;
     if (tb_.kind == Boundary::kDynamic) {
       unsigned sh = unsigned(tb_.pos & 7);
       uint8_t b0 = sh ? uint8_t(byte_at(tb_.pos / 8) & ((1u << sh) - 1)) : 0;
       tail[n++] = uint8_t(b0 | (1u << sh));  // BFINAL 1, BTYPE 00
       if (sh >= 6) tail[n++] = 0;
-    } else {  // the real header (BFINAL 0) was read: close its block empty
-      tail[n++] = 0;
-      tail[n++] = 0;
-      tail[n++] = 0xff;
-      tail[n++] = 0xff;
-      tail[n++] = 1;
+    } else {
+      stored8(kS1);
+      tail[n++] = 1;  // BFINAL 1, BTYPE 00
+      expect = 16;
     }
-    tail[n++] = 0;
-    tail[n++] = 0;
-    tail[n++] = 0xff;
-    tail[n++] = 0xff;
+    stored8(kS2);
     st_->next_in = tail;
     st_->avail_in = uint32_t(n);
     uint32_t room = uint32_t(piece_.bytes.size() - piece_.len);
@@ -998,8 +1022,13 @@ class JobRun {
     st_->avail_out = room;
     int r = isal_inflate(st_.get());
     piece_.len += room - st_->avail_out;
-    bool hit = r >= 0 && st_->block_state == ISAL_BLOCK_FINISH && st_->avail_in == 0 && st_->read_in_length == 0;
-    if (!hit) {
+    const uint8_t* end = piece_.bytes.data() + piece_.len;
+    bool hit = r >= 0 && st_->block_state == ISAL_BLOCK_FINISH && st_->avail_in == 0 &&
+               st_->read_in_length == 0 && piece_.len >= len0 + expect &&
+               std::memcmp(end - 8, kS2, 8) == 0 && (expect == 8 || std::memcmp(end - 16, kS1, 8) == 0);
+    if (hit) {
+      piece_.len -= expect;
+    } else {
       std::memcpy(st_.get(), snap_.get(), sizeof(inflate_state));
       piece_.len = len0;
     }
@@ -1024,7 +1053,8 @@ class JobRun {
 void ParallelGzip::start_parallel() {
   mode_ = Mode::kParallel;
   parallel_started_ = true;
-  for (int i = 0; i < threads_; ++i) workers_.emplace_back([this] { worker(); });
+  const size_t workers = std::min<size_t>(size_t(threads_), max_inflight_);
+  for (size_t i = 0; i < workers; ++i) workers_.emplace_back([this] { worker(); });
   std::lock_guard<std::mutex> lk(mu_);
   auto job0 = add_job_locked(0);
   next_job_ = 1;

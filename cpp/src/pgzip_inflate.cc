@@ -80,7 +80,8 @@ void BitReader::seek(uint64_t bitpos) {
   at_eof_ = false;
   SegPtr s = src_->get(index);
   if (s && byte < s->base + s->data.size()) {
-    load_segment(std::move(s), byte - s->base);
+    const uint64_t offset = byte - s->base;
+    load_segment(std::move(s), offset);
   } else {
     seg_.reset();
     begin_ = p_ = end_ = nullptr;
@@ -93,7 +94,7 @@ void BitReader::seek(uint64_t bitpos) {
 }
 
 void BitReader::refill_slow() {
-  if (past_end()) fail("gzip stream is truncated (refill)");
+  if (past_end()) fail("gzip stream is truncated");
   while (bitcount_ <= 56) {
     if (p_ < end_) {
       bitbuf_ |= uint64_t(*p_++) << bitcount_;
@@ -103,8 +104,6 @@ void BitReader::refill_slow() {
     if (!at_eof_) {
       SegPtr s = src_->get(next_index_);
       if (s && !s->data.empty()) {
-        uint64_t consumed = seg_base_ + uint64_t(p_ - begin_);
-        (void)consumed;
         load_segment(std::move(s), 0);
         continue;
       }
@@ -116,7 +115,7 @@ void BitReader::refill_slow() {
 }
 
 void BitReader::check_not_past_end() const {
-  if (past_end()) fail("gzip stream is truncated (refill)");
+  if (past_end()) fail("gzip stream is truncated");
 }
 
 void BitReader::read_bytes(uint8_t* dst, size_t n) {
@@ -134,7 +133,7 @@ void BitReader::read_bytes(uint8_t* dst, size_t n) {
       SegPtr s = at_eof_ ? nullptr : src_->get(next_index_);
       if (!s || s->data.empty()) {
         at_eof_ = true;
-        fail("gzip stream is truncated (read_bytes)");
+        fail("gzip stream is truncated");
       }
       load_segment(std::move(s), 0);
       continue;
@@ -275,10 +274,12 @@ bool read_dynamic_header(BitReader& br, bool strict, BlockTables* out) {
   br.consume(14);
   if (hlit > 286 || hdist > 30) return false;
   uint8_t cl[19] = {0};
-  br.refill();
-  v = br.peek();
-  for (unsigned i = 0; i < hclen; ++i) cl[kClOrder[i]] = uint8_t((v >> (3 * i)) & 7);
-  br.consume(3 * hclen);
+  // Up to 57 bits: more than one refill guarantees (56).
+  for (unsigned i = 0; i < hclen; ++i) {
+    if ((i & 7) == 0) br.refill();
+    cl[kClOrder[i]] = uint8_t(br.peek() & 7);
+    br.consume(3);
+  }
   thread_local HuffTable clt;
   if (!build_table(cl, 19, CodeUse::kCodeLen, 7, true, &clt)) return false;
   uint8_t lens[320];

@@ -4,6 +4,9 @@
 #include <catch2/catch.hpp>
 
 #include <zlib.h>
+#ifdef HUBFAST_HAVE_ISAL
+#include <isa-l/igzip_lib.h>
+#endif
 
 #include <cmath>
 #include <cstring>
@@ -179,6 +182,24 @@ Bytes text(size_t n, uint32_t seed) {
   return Bytes(s.begin(), s.end());
 }
 
+// Words from a vocabulary of thousands: skewed codes with long code lengths
+// (dynamic headers sending all 19 code-length codes).
+Bytes wordy_text(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<std::string> vocab(3000);
+  for (auto& w : vocab) {
+    size_t len = 2 + rng() % 8;
+    for (size_t i = 0; i < len; ++i) w += char('a' + rng() % 26);
+  }
+  std::string s;
+  while (s.size() < n) {
+    s += vocab[rng() % vocab.size()];
+    s += ' ';
+  }
+  s.resize(n);
+  return Bytes(s.begin(), s.end());
+}
+
 Bytes pattern(size_t n, size_t period) {
   Bytes b(n);
   for (size_t i = 0; i < n; ++i) b[i] = uint8_t((i % period) * 7 + 1);
@@ -234,6 +255,60 @@ TEST_CASE("pgzip: Huffman tables follow zlib's rules", "[pgzip]") {
   CHECK(build_table(none, 3, CodeUse::kDist, 8, false, &t));
 }
 
+TEST_CASE("pgzip: a dynamic header with all 19 code-length codes, at every bit alignment", "[pgzip]") {
+  using namespace pgzip;
+  // An LSB-first bit writer.
+  struct Writer {
+    Bytes b;
+    uint64_t n = 0;
+    void put(uint64_t v, unsigned bits) {  // bits <= 64
+      for (unsigned i = 0; i < bits; ++i, ++n) {
+        if (n % 8 == 0) b.push_back(0);
+        b.back() |= uint8_t(((v >> i) & 1) << (n % 8));
+      }
+    }
+    void put_code(uint32_t code, unsigned len) {  // Huffman codes go MSB first
+      for (unsigned i = len; i-- > 0;) put((code >> i) & 1, 1);
+    }
+  };
+  static const uint8_t order[19] = {16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15};
+  uint8_t cl[19];  // complete: 13 codes of 4 bits, 6 of 5 bits
+  for (int i = 0; i < 19; ++i) cl[i] = i < 13 ? 4 : 5;
+  uint32_t cl_code[19];
+  {
+    uint32_t code = 0, next[8] = {0}, count[8] = {0};
+    for (int i = 0; i < 19; ++i) ++count[cl[i]];
+    for (int len = 1; len <= 7; ++len) {
+      code = (code + count[len - 1]) << 1;
+      next[len] = code;
+    }
+    for (int i = 0; i < 19; ++i) cl_code[i] = next[cl[i]]++;
+  }
+  uint8_t lens[316];  // 286 lit/len: 226 x 8 + 60 x 9 bits; 30 dist: 2 x 4 + 28 x 5 bits
+  for (int i = 0; i < 286; ++i) lens[i] = i < 226 ? 8 : 9;
+  for (int i = 0; i < 30; ++i) lens[286 + i] = i < 2 ? 4 : 5;
+  for (unsigned pad = 0; pad < 64; ++pad) {
+    Writer w;
+    w.put(0, pad);
+    w.put(4, 3);  // BFINAL 0, BTYPE 2
+    w.put(29, 5);
+    w.put(29, 5);
+    w.put(15, 4);  // HCLEN 19
+    for (int i = 0; i < 19; ++i) w.put(cl[order[i]], 3);
+    for (int i = 0; i < 316; ++i) w.put_code(cl_code[lens[i]], cl[lens[i]]);
+    const uint64_t end = w.n;
+    w.put(0, 64);
+    BufferSource src(w.b.data(), w.b.size(), 1 << 20);
+    BitReader br(&src);
+    br.seek(pad);
+    REQUIRE(br.bits(3) == 4);
+    BlockTables tb;
+    INFO("padding " << pad);
+    REQUIRE(read_dynamic_header(br, true, &tb));
+    CHECK(br.pos() == end);
+  }
+}
+
 TEST_CASE("pgzip: the block finder finds real block starts", "[pgzip]") {
   using namespace pgzip;
   Bytes data = gaussian_floats(3 << 20, 7);
@@ -270,6 +345,7 @@ TEST_CASE("pgzip: byte-identical to zlib on every kind of data", "[pgzip]") {
   cases.push_back({"random", random_bytes(n, 1)});
   cases.push_back({"float32 gaussian", gaussian_floats(n, 2)});
   cases.push_back({"text", text(n, 3)});
+  cases.push_back({"text, large vocabulary", wordy_text(n, 6)});
   cases.push_back({"zeros", Bytes(n, 0)});
   cases.push_back({"pattern 3", pattern(n, 3)});
   cases.push_back({"pattern 1000", pattern(n, 1000)});
@@ -476,6 +552,58 @@ TEST_CASE("pgzip: long marker chains and output far larger than the input", "[pg
     }
   }
 }
+
+#ifdef HUBFAST_HAVE_ISAL
+namespace {
+// A gzip stream from ISA-L's compressor: its levels make blocks of 100 KiB
+// and more (one block for the whole input at level 0), unlike zlib's.
+Bytes isal_gzip(const Bytes& in, int level) {
+  isal_zstream zs;
+  isal_deflate_init(&zs);
+  std::vector<uint8_t> lvl(ISAL_DEF_LVL3_DEFAULT);
+  zs.level = uint32_t(level);
+  zs.level_buf = lvl.data();
+  zs.level_buf_size = uint32_t(lvl.size());
+  zs.gzip_flag = IGZIP_GZIP;
+  zs.end_of_stream = 1;
+  zs.flush = NO_FLUSH;
+  zs.next_in = const_cast<uint8_t*>(in.data());
+  zs.avail_in = uint32_t(in.size());
+  Bytes out(in.size() + in.size() / 8 + (1 << 16));
+  zs.next_out = out.data();
+  zs.avail_out = uint32_t(out.size());
+  for (int calls = 0; zs.internal_state.state != ZSTATE_END; ++calls) {
+    REQUIRE(calls < 1000);
+    if (zs.avail_out == 0) {
+      size_t used = out.size();
+      out.resize(used * 2);
+      zs.next_out = out.data() + used;
+      zs.avail_out = uint32_t(out.size() - used);
+    }
+    REQUIRE(isal_deflate(&zs) == COMP_OK);
+  }
+  out.resize(zs.total_out);
+  return out;
+}
+}  // namespace
+
+TEST_CASE("pgzip: streams from ISA-L's compressor (large blocks)", "[pgzip]") {
+  Bytes floats = gaussian_floats(16 << 20, 41);
+  Bytes mix = mixed(8 << 20, 42);
+  for (int level : {0, 1, 2, 3}) {
+    for (const Bytes* data : {&floats, &mix}) {
+      Bytes gz = isal_gzip(*data, level);
+      Bytes ref;
+      REQUIRE(zlib_gunzip(gz, &ref));
+      REQUIRE(ref == *data);
+      for (size_t chunk : {size_t(32) << 10, size_t(128) << 10, size_t(512) << 10}) {
+        INFO("level " << level << ", chunk " << chunk << ", " << (data == &floats ? "floats" : "mixed"));
+        REQUIRE(pgunzip(gz, 2, chunk).out == *data);
+      }
+    }
+  }
+}
+#endif
 
 TEST_CASE("pgzip: abandoned mid-stream, and an out() that throws", "[pgzip]") {
   Bytes data = gaussian_floats(6 << 20, 8);

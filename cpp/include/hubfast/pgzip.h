@@ -5,8 +5,8 @@
 // kept as markers, and, once its last 32 KiB of output hold no marker, hands
 // the rest of the chunk to ISA-L with that window as dictionary. Chunk i
 // stops exactly where chunk i+1's block starts (ISA-L is stopped there by
-// an empty final stored block spliced into its input; a start that was a
-// false positive is decoded through instead). The feeding thread resolves
+// final stored blocks with sentinel contents spliced into its input; a
+// start that was a false positive is decoded through instead). The feeding thread resolves
 // the markers in order, emits the output in order and checks every member's
 // CRC32 and ISIZE. Streams below two chunks, or one thread, are decoded by
 // ISA-L in one stream.
