@@ -458,13 +458,8 @@ def _pack_module() -> Any:
 
 
 def _iter_tree(src: str) -> Iterator[Tuple[str, str]]:
-    """Yields ``(abspath, relpath)`` depth-first in sorted order, dirs before contents."""
-    for name in sorted(os.listdir(src)):
-        full = os.path.join(src, name)
-        yield full, name
-        if os.path.isdir(full) and not os.path.islink(full):
-            for sub_full, sub_rel in _iter_tree(full):
-                yield sub_full, name + "/" + sub_rel
+    """``(abspath, relpath)`` in the order ``hubfast pack`` writes them."""
+    return _pack_module()._iter_tree(src)
 
 
 def pack_tar(
