@@ -33,6 +33,7 @@ MAX_EXTRACT_BYTES_ENV = "HUBFAST_MAX_EXTRACT_BYTES"
 MAX_MEMBERS_ENV = "HUBFAST_MAX_MEMBERS"
 PINS_ENV = "HUBFAST_PINS"  # file of "<handle> <sha256>" lines
 MIRRORS_ENV = "HUBFAST_MIRRORS"  # "prefix=replacement" pairs, comma-separated
+PREFETCH_NICE_ENV = "HUBFAST_PREFETCH_NICE"  # nice increment of background fetches (0: none)
 # Endpoint overrides for the public hosts (scheme://host[:port][/prefix]): a fleet's cache,
 # or the loopback test server. Each names the hosts it stands in for.
 ENDPOINT_ENVS = {
@@ -125,6 +126,7 @@ class Settings:
     mirrors: tuple
     endpoints: tuple = ()  # (service, base URL) pairs, see ENDPOINT_ENVS
     gcs_auth: str = "auto"
+    prefetch_nice: int = 10
 
 
 def cache_dir() -> str:
@@ -175,6 +177,7 @@ def settings() -> Settings:
         mirrors=_mirrors(),
         endpoints=_endpoints(),
         gcs_auth=os.environ.get(GCS_AUTH_ENV, "auto").strip().lower() or "auto",
+        prefetch_nice=_int(PREFETCH_NICE_ENV, 10),
     )
 
 
