@@ -25,7 +25,10 @@ FSYNC_ENV = "HUBFAST_FSYNC"
 LOCK_MODE_ENV = "HUBFAST_LOCK_MODE"  # auto | flock | heartbeat
 HEARTBEAT_STALE_ENV = "HUBFAST_HEARTBEAT_STALE"  # s before a heartbeat lock is taken over
 TFHUB_LOCK_STALE_ENV = "HUBFAST_TFHUB_LOCK_STALE"  # s; tensorflow_hub's own rule is 600
-CONNECTIONS_ENV = "HUBFAST_CONNECTIONS"
+CONNECTIONS_ENV = "HUBFAST_CONNECTIONS"  # most parallel connections per download
+# 1: open connections beyond two only while the decoder waits for bytes; 0: all at once
+ADAPTIVE_CONNECTIONS_ENV = "HUBFAST_ADAPTIVE_CONNECTIONS"
+MIN_PARALLEL_BYTES_ENV = "HUBFAST_MIN_PARALLEL_BYTES"  # smaller archives: one connection
 CONNECT_TIMEOUT_ENV = "HUBFAST_CONNECT_TIMEOUT"
 STALL_TIMEOUT_ENV = "HUBFAST_STALL_TIMEOUT"
 MAX_RETRIES_ENV = "HUBFAST_MAX_RETRIES"
@@ -127,6 +130,8 @@ class Settings:
     endpoints: tuple = ()  # (service, base URL) pairs, see ENDPOINT_ENVS
     gcs_auth: str = "auto"
     prefetch_nice: int = 10
+    adaptive_connections: bool = True
+    min_parallel_bytes: int = 64 << 20
 
 
 def cache_dir() -> str:
@@ -178,6 +183,8 @@ def settings() -> Settings:
         endpoints=_endpoints(),
         gcs_auth=os.environ.get(GCS_AUTH_ENV, "auto").strip().lower() or "auto",
         prefetch_nice=_int(PREFETCH_NICE_ENV, 10),
+        adaptive_connections=os.environ.get(ADAPTIVE_CONNECTIONS_ENV, "1").strip() != "0",
+        min_parallel_bytes=_int(MIN_PARALLEL_BYTES_ENV, 64 << 20),
     )
 
 

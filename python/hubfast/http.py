@@ -74,6 +74,8 @@ def fetch_options(url: str, headers: Optional[List[str]] = None,
         "low_speed_time": s.stall_timeout,
         "max_retries": s.max_retries,
         "connections": s.connections,
+        "adaptive_connections": s.adaptive_connections,
+        "min_parallel_bytes": s.min_parallel_bytes,
         "user_agent": f"hubfast/{_version()}",
     }
 
