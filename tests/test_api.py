@@ -179,3 +179,47 @@ def test_load_under_mirrored_strategy(served, tmp_path):
     """, tmp_path)
     assert out["replicas"] == 2
     assert out["vals"] == [[6.0], [6.0]]
+
+
+def test_prefetch_threads_run_at_background_priority(tmp_path):
+    """The prefetch thread and the native threads its fetch starts (decoder, writer,
+    connections) run with nice +HUBFAST_PREFETCH_NICE, so a fetch overlapping
+    `import tensorflow` leaves the import its core; the caller's thread keeps its own."""
+    src = tmp_path / "m"
+    (src / "variables").mkdir(parents=True)
+    (src / "saved_model.pb").write_bytes(b"pb")
+    (src / "variables" / "variables.data-00000-of-00001").write_bytes(os.urandom(8 << 20))
+    archive = models.pack_tar(str(src), str(tmp_path / "m.tar.gz"), "gz")
+    code = """
+        import json, os, threading, time
+        import hubfast
+
+        def nices():
+            out = {}
+            for tid in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+            return out
+
+        before = nices()
+        p = hubfast.prefetch(URL)
+        seen = {}
+        deadline = time.time() + 60
+        while not p.done() and time.time() < deadline:
+            for tid, n in nices().items():
+                if tid not in before:
+                    seen[tid] = n
+            time.sleep(0.01)
+        p.result()
+        print(json.dumps({"main": nices()[threading.get_native_id()],
+                          "base": before[threading.get_native_id()], "new": sorted(seen.values())}))
+    """
+    with TFHubServer(bandwidth=8 << 20) as srv:  # ~1 s: the threads are seen running
+        srv.add_archive("/m/1", archive)
+        code = code.replace("URL", repr(srv.url_for("/m/1")))
+        out = run_py(code, tmp_path / "cache")
+        off = run_py(code, tmp_path / "cache2", HUBFAST_PREFETCH_NICE="0")
+    assert out["main"] == out["base"]
+    assert len(out["new"]) >= 3, out  # prefetch thread + native pipeline threads
+    assert all(n == min(19, out["base"] + 10) for n in out["new"]), out
+    assert all(n == off["base"] for n in off["new"]) and len(off["new"]) >= 3, off

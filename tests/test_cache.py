@@ -332,3 +332,49 @@ def test_lock_of_a_killed_but_unreaped_process_is_stale_at_once(tmp_path, small_
         assert r["ok"] and r["end"] - r["start"] < 5.0, r
     finally:
         holder.wait()
+
+
+def test_entry_removed_between_resolve_and_use_is_resolved_again(tmp_path, small_archive,
+                                                                  monkeypatch):
+    """`hubfast rm` between resolve() and the use-lock (what load() does) must not hand
+    TensorFlow a vanished directory: in_use() looks again under the lock and refetches."""
+    from hubfast import maintenance, resolvers
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
+    entry = resolvers.resolve_entry(str(small_archive))
+    want = _tree(Path(entry.path))
+    assert maintenance.remove_entry(str(cache), entry.name).status == "removed"
+    assert not os.path.exists(entry.path)
+    with entry.in_use() as path:
+        assert _tree(Path(path)) == want
+        # Held: a concurrent rm skips it.
+        assert maintenance.remove_entry(str(cache), entry.name).status == "skipped"
+    assert _core.lookup_entry(str(cache), entry.name)[0] == "complete"
+
+
+def test_lookup_racing_renames_never_reports_broken(tmp_path, small_archive):
+    """The native lookup looks through one directory handle: a tree renamed away and back
+    (as rm, prune and repair do) while it looks reads as missing or complete, never as a
+    broken entry (which would make resolve() refetch a good entry)."""
+    cache = tmp_path / "cache"
+    path = _core.ensure_entry(str(cache), "e", str(small_archive), path=str(small_archive))["path"]
+    away = str(cache / "e.hfaway.old")
+    flipper = subprocess.Popen([sys.executable, "-c", f"""
+import os, time
+end = time.monotonic() + 2.0
+while time.monotonic() < end:
+    os.rename({path!r}, {away!r}); os.rename({away!r}, {path!r})
+"""])
+    seen = {}
+    try:
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end and flipper.poll() is None:
+            state = _core.lookup_entry(str(cache), "e")[0]
+            seen[state] = seen.get(state, 0) + 1
+    finally:
+        flipper.wait(timeout=30)
+    assert flipper.returncode == 0
+    assert "broken" not in seen, seen
+    assert seen.get("complete", 0) > 0, seen
+    assert _core.lookup_entry(str(cache), "e")[0] == "complete"

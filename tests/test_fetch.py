@@ -7,6 +7,7 @@ subprocesses for Ctrl-C.
 """
 from __future__ import annotations
 
+import bz2
 import email.utils
 import gzip
 import hashlib
@@ -324,7 +325,8 @@ def test_drop_resumes_single_stream(server, small, cache_dir, reset):
     assert src["bytes_received"] == len(small.gz)
 
 
-def test_drop_resumes_parallel_segments(server, big, cache_dir):
+def test_drop_resumes_parallel_segments(server, big, cache_dir, monkeypatch):
+    monkeypatch.setenv("HUBFAST_ADAPTIVE_CONNECTIONS", "0")  # every connection from the start
     server.add_archive(HANDLE_PATH, big.gz)
     # The first response (segment 0) and the first two segment requests drop.
     server.inject(HANDLE_PATH, Fault.drop(ODD), times=3)
@@ -332,9 +334,16 @@ def test_drop_resumes_parallel_segments(server, big, cache_dir):
     assert src["segments"] > 1 and src["connections"] > 1
     assert src["resumes"] >= 3
     log = gets(server)
-    # Segments start at multiples of 1 MiB; a resume starts ODD bytes into one.
-    resumed = [r for r in log if r.range and _range_start(r) % MiB == ODD % MiB]
-    assert len(resumed) == 3, [r.range for r in log]
+    # Each dropped request (whichever three came first: segment 0's stream, segment
+    # requests, or a resume) is resumed ODD bytes further on with If-Range.
+    dropped = [r for r in log if r.fault]
+    assert len(dropped) == 3, [(r.range, r.fault) for r in log]
+    starts = {_range_start(r) for r in log if r.range}
+    for r in dropped:
+        assert (_range_start(r) if r.range else 0) + ODD in starts, [r.range for r in log]
+    resumed = [r for r in log if r.range and _range_start(r) - ODD in
+               {(_range_start(d) if d.range else 0) for d in dropped}]
+    assert len(resumed) >= 3
     assert all(r.if_range == etag_of(server) and r.status == 206 for r in resumed)
     assert all(r.if_range == etag_of(server) for r in log if r.range)
     assert server.stats.path(HANDLE_PATH).body_bytes <= len(big.gz) + 4 * MiB
@@ -914,3 +923,34 @@ def test_ctrl_c_interrupts_promptly(small, big, cache_dir, phase):
     assert child.returncode == 42 and "KeyboardInterrupt" in out, (child.returncode, out, err)
     assert elapsed < 2.0, elapsed
     assert_cache_clean(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def slow_decoding(tmp_path_factory) -> Tuple[Path, Dict]:
+    """~16 MiB .tar.bz2 of random bytes: bzip2 decodes it far slower than loopback sends it."""
+    d = tmp_path_factory.mktemp("bz")
+    arch = Archive(d, 16 * MiB, gzip_level=0)
+    out = d / "m.tar.bz2"
+    out.write_bytes(bz2.compress(arch.tar, compresslevel=1))
+    return out, arch.digest
+
+
+@pytest.mark.parametrize("capped", [False, True])
+def test_connections_grow_only_while_the_decoder_waits(slow_decoding, cache_dir, monkeypatch,
+                                                       capped):
+    """Adaptive parallelism: a consumer slower than the link (bzip2 on loopback) gets two
+    connections, not eight; a link slower than the consumer (a per-connection cap) gets
+    every connection allowed."""
+    archive, digest = slow_decoding
+    monkeypatch.setenv("HUBFAST_MIN_PARALLEL_BYTES", str(8 * MiB))  # 4 MiB segments
+    monkeypatch.setenv("HUBFAST_CONNECTIONS", "4")
+    with TFHubServer(bandwidth=(2 * MiB if capped else 0)) as srv:
+        srv.add_archive(HANDLE_PATH, str(archive))
+        path = hubfast.resolve(srv.url_for(HANDLE_PATH))
+    src = hubfast.last_stats()["source"]
+    assert tree_digest(path) == digest
+    assert src["segments"] >= 4
+    if capped:  # grew past the first two (up to one per segment left)
+        assert src["connections"] > 2, src
+    else:  # two; a third at most if a worker was slow to start on a loaded machine
+        assert src["connections"] < 4, src

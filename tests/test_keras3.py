@@ -293,34 +293,8 @@ def case_arguments(ctx):
 def case_invalid_combinations(ctx):
     """The invalid uses tensorflow_hub refuses raise the same exception types."""
     tf, keras, hub = ctx.imports()
-    text, mul = ctx.model("text"), ctx.model("mul")
-    attempts = {
-        "signature without output_key": lambda: hub.KerasLayer(text, signature="serving_default"),
-        "output_key and as_dict": lambda: hub.KerasLayer(
-            text, signature="serving_default", output_key="default",
-            signature_outputs_as_dict=True),
-        "as_dict without signature": lambda: hub.KerasLayer(mul, signature_outputs_as_dict=True),
-        "unknown signature": lambda: hub.KerasLayer(text, signature="nope", output_key="x"),
-        "callable with tags": lambda: hub.KerasLayer(hub.load(mul), tags=["serve"]),
-        "callable with load_options": lambda: hub.KerasLayer(
-            hub.load(mul), load_options=tf.saved_model.LoadOptions()),
-        "output_key on a tensor": lambda: hub.KerasLayer(mul, output_key="x")(tf.ones([2])),
-        "unknown output_key": lambda: hub.KerasLayer(
-            text, signature="serving_default", output_key="nope")(
-                {"sentences": tf.constant(["a"])}),
-        "trainable signature": lambda: hub.KerasLayer(
-            text, trainable=True, signature="serving_default", output_key="default")(
-                {"sentences": tf.constant(["a"])}),
-        "config of a callable": lambda: hub.KerasLayer(hub.load(mul)).get_config(),
-    }
-    outcome = {}
-    for what, attempt in attempts.items():
-        try:
-            attempt()
-            outcome[what] = None
-        except Exception as e:  # noqa: BLE001
-            outcome[what] = type(e).__name__
-    want = {k: "ValueError" for k in attempts}
+    outcome = th.invalid_keras_layer_outcomes(hub, tf, ctx.model("text"), ctx.model("mul"))
+    want = {k: "ValueError" for k in outcome}
     want["config of a callable"] = "NotImplementedError"
     assert outcome == want, outcome
 

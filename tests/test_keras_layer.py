@@ -283,34 +283,7 @@ def case_invalid_combinations(ctx):
     tf, keras, hub = ctx.imports()
 
     def outcomes(H):
-        text, mul = ctx.model("text"), ctx.model("mul")
-        attempts = {
-            "signature without output_key": lambda: H.KerasLayer(text, signature="serving_default"),
-            "output_key and as_dict": lambda: H.KerasLayer(
-                text, signature="serving_default", output_key="default",
-                signature_outputs_as_dict=True),
-            "as_dict without signature": lambda: H.KerasLayer(mul, signature_outputs_as_dict=True),
-            "unknown signature": lambda: H.KerasLayer(text, signature="nope", output_key="x"),
-            "callable with tags": lambda: H.KerasLayer(H.load(mul), tags=["serve"]),
-            "callable with load_options": lambda: H.KerasLayer(
-                H.load(mul), load_options=tf.saved_model.LoadOptions()),
-            "output_key on a tensor": lambda: H.KerasLayer(mul, output_key="x")(tf.ones([2])),
-            "unknown output_key": lambda: H.KerasLayer(
-                text, signature="serving_default", output_key="nope")(
-                    {"sentences": tf.constant(["a"])}),
-            "trainable signature": lambda: H.KerasLayer(
-                text, trainable=True, signature="serving_default", output_key="default")(
-                    {"sentences": tf.constant(["a"])}),
-            "config of a callable": lambda: H.KerasLayer(H.load(mul)).get_config(),
-        }
-        result = {}
-        for what, attempt in attempts.items():
-            try:
-                attempt()
-                result[what] = None
-            except Exception as e:  # noqa: BLE001
-                result[what] = type(e).__name__
-        return result
+        return th.invalid_keras_layer_outcomes(H, tf, ctx.model("text"), ctx.model("mul"))
 
     ours = outcomes(hub)
     import tensorflow_hub

@@ -104,6 +104,7 @@ FetchOptions fetch_options(const std::string& url, const py::dict& d) {
   maybe(d, "backoff_base", &o.backoff_base);
   maybe(d, "backoff_max", &o.backoff_max);
   maybe(d, "connections", &o.connections);
+  maybe(d, "adaptive_connections", &o.adaptive_connections);
   maybe(d, "min_parallel_bytes", &o.min_parallel_bytes);
   maybe(d, "verify_goog_hash", &o.verify_goog_hash);
   maybe(d, "user_agent", &o.user_agent);

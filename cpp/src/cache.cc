@@ -282,16 +282,24 @@ std::string use_lock_path(const std::string& root, const std::string& name) {
   return join(root, name + ".hubfast.use");
 }
 
-Lookup lookup_entry(const std::string& root, const std::string& name) {
+namespace {
+
+// One look at the entry through a single directory handle: the stat and the
+// per-file checks see the same tree even if it is renamed meanwhile.
+Lookup lookup_once(const std::string& root, const std::string& name, bool* moved) {
   Lookup r;
   r.path = join(root, name);
-  struct stat st;
-  if (::stat(r.path.c_str(), &st) != 0) return r;
-  if (!S_ISDIR(st.st_mode)) {
-    r.state = EntryState::kBroken;
-    r.reason = "not a directory";
-    return r;
+  *moved = false;
+  Fd dir(::open(r.path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir) {
+    if (errno == ENOTDIR) {
+      r.state = EntryState::kBroken;
+      r.reason = "not a directory";
+    }
+    return r;  // ENOENT and the like: missing
   }
+  struct stat st;
+  if (::fstat(dir.get(), &st) != 0) return r;
   Manifest m;
   if (!read_manifest(manifest_path(root, name), &m) || m.ino != uint64_t(st.st_ino) ||
       m.dev != uint64_t(st.st_dev)) {
@@ -299,22 +307,36 @@ Lookup lookup_entry(const std::string& root, const std::string& name) {
     r.state = dir_nonempty(r.path) ? EntryState::kForeign : EntryState::kMissing;
     return r;
   }
-  Fd dir(::open(r.path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   for (auto& f : m.files) {
     struct stat fs;
-    if (!dir || ::fstatat(dir.get(), f.path.c_str(), &fs, AT_SYMLINK_NOFOLLOW) != 0) {
-      r.state = EntryState::kBroken;
-      r.reason = "'" + f.path + "' is missing";
-      return r;
-    }
-    if (!S_ISREG(fs.st_mode) || uint64_t(fs.st_size) != f.size) {
-      r.state = EntryState::kBroken;
-      r.reason = "'" + f.path + "' changed size (" + std::to_string(fs.st_size) + " bytes, expected " +
-                 std::to_string(f.size) + ")";
-      return r;
-    }
+    std::string problem;
+    if (::fstatat(dir.get(), f.path.c_str(), &fs, AT_SYMLINK_NOFOLLOW) != 0)
+      problem = "'" + f.path + "' is missing";
+    else if (!S_ISREG(fs.st_mode) || uint64_t(fs.st_size) != f.size)
+      problem = "'" + f.path + "' changed size (" + std::to_string(fs.st_size) + " bytes, expected " +
+                std::to_string(f.size) + ")";
+    if (problem.empty()) continue;
+    // A tree renamed away (rm, prune, repair) while we looked is not a broken entry.
+    struct stat now;
+    *moved = ::stat(r.path.c_str(), &now) != 0 || now.st_ino != st.st_ino || now.st_dev != st.st_dev;
+    r.state = EntryState::kBroken;
+    r.reason = problem;
+    return r;
   }
   r.state = EntryState::kComplete;
+  return r;
+}
+
+}  // namespace
+
+Lookup lookup_entry(const std::string& root, const std::string& name) {
+  bool moved = false;
+  Lookup r = lookup_once(root, name, &moved);
+  for (int i = 0; moved && i < 2; i++) r = lookup_once(root, name, &moved);
+  if (moved) {  // still changing under us: report it missing, the caller takes the lock
+    r.state = EntryState::kMissing;
+    r.reason.clear();
+  }
   return r;
 }
 

@@ -453,6 +453,12 @@ class Parallel {
     for (int i = 0; i < n; ++i) threads_.emplace_back([this] { worker(); });
   }
 
+  // Connections grow with need: the consumer (decoder and writer behind it)
+  // waiting for bytes means the transfer is the bottleneck, so another
+  // connection helps; a consumer that never waits gains nothing from more
+  // connections but pays their CPU. Called from the consuming thread only.
+  void allow_workers(int max_workers) { max_workers_ = max_workers; }
+
   // Emits segments 1.. in order through `sink` (segment 0 went out directly).
   void consume(const std::function<void(const uint8_t*, size_t)>& sink) {
     for (uint64_t i = 1; i < nseg_; ++i) {
@@ -469,8 +475,17 @@ class Parallel {
               break;
             }
             if (cancel_.cancelled()) throw Error(ErrorKind::kCancelled, "download cancelled: " + src_.url_);
+            if (starved_ >= kGrowAfter && int(threads_.size()) < max_workers_) {
+              starved_ = std::chrono::nanoseconds(0);
+              lk.unlock();
+              add_workers(1);
+              lk.lock();
+              continue;
+            }
             waiting_ = int64_t(i);
-            data_cv_.wait_for(lk, std::chrono::milliseconds(100));
+            auto w0 = Clock::now();
+            data_cv_.wait_for(lk, kGrowAfter);
+            starved_ += Clock::now() - w0;
             waiting_ = -1;
           }
         }
@@ -570,6 +585,9 @@ class Parallel {
   uint64_t head_ = 0;  // segment being emitted (guarded by mu_)
   uint64_t next_ = 1;  // next segment to claim; 0 is the first stream's
   int64_t waiting_ = -1;
+  int max_workers_ = 0;  // consumer thread only
+  std::chrono::nanoseconds starved_{0};  // consumer's wait since the last new worker
+  static constexpr std::chrono::milliseconds kGrowAfter{20};
   bool stopping_ = false;
   std::exception_ptr error_;
   std::atomic<bool> halt_{false}, failed_{false};
@@ -817,7 +835,10 @@ uint64_t HttpSource::plan() {
       size_t window = size_t(std::max<uint64_t>(2, std::min<uint64_t>(2 * conns, kWindowBytes / seg)));
       parallel_ = true;
       par_ = std::make_unique<Parallel>(*this, *cancel_, m.total, seg, window);
-      par_->add_workers(opt_.connections - 1);
+      // Adaptive: one worker ahead of the first stream; more while the consumer starves.
+      int start = opt_.adaptive_connections ? 1 : opt_.connections - 1;
+      par_->add_workers(start);
+      par_->allow_workers(opt_.connections - 1);
       return seg;
     }
   }
@@ -1201,7 +1222,8 @@ void HttpSource::run(const EmitFn& emit, const CancelToken& cancel) {
   if (par_) {
     st_segments_.fetch_add(1);
     conn = Conn();  // its connection was cut mid-body; free it
-    par_->add_workers(1);
+    if (!opt_.adaptive_connections) par_->add_workers(1);
+    par_->allow_workers(opt_.connections);
     par_->consume([this](const uint8_t* p, size_t n) { sink_direct(p, n); });
     par_->stop();
   }

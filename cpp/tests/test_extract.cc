@@ -18,38 +18,13 @@
 #include "hubfast/error.h"
 #include "hubfast/extract.h"
 #include "hubfast/fd.h"
+#include "temp_dir.h"
 
 using namespace hubfast;
 
 namespace {
 
-std::string temp_base() {
-  const char* t = std::getenv("TMPDIR");
-  return t && *t ? t : "/tmp";
-}
-
-// A fresh directory, removed (without following links) when done.
-struct TempDir {
-  std::string path;
-  Fd fd;
-  TempDir() {
-    std::string t = temp_base() + "/hubfast-test-XXXXXX";
-    REQUIRE(::mkdtemp(&t[0]) != nullptr);
-    path = t;
-    fd.reset(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    REQUIRE(fd);
-  }
-  ~TempDir() {
-    fd.reset();
-    size_t slash = path.rfind('/');
-    Fd parent(::open(path.substr(0, slash).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    try {
-      remove_tree_at(parent.get(), path.substr(slash + 1));
-    } catch (...) {
-    }
-  }
-  std::string operator/(const std::string& rel) const { return path + "/" + rel; }
-};
+using testing::TempDir;
 
 TarMember file_member(const std::string& path, uint64_t size, uint32_t mode = 0644) {
   TarMember m;

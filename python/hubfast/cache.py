@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import logging
 import threading
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 from . import config, errors, progress
 from . import _core
@@ -64,40 +64,57 @@ def _record(stats: Dict[str, Any]) -> None:
 
 
 class Entry:
-    """A resolved cache entry: its directory, and the root and name it lives under."""
+    """A resolved cache entry: its directory, the root and name it lives under, and how to
+    resolve it again should it vanish before its use-lock is taken."""
 
-    __slots__ = ("path", "root", "name")
+    __slots__ = ("path", "root", "name", "_refresh")
 
-    def __init__(self, path: str, root: Optional[str], name: Optional[str]) -> None:
-        self.path, self.root, self.name = path, root, name
+    def __init__(self, path: str, root: Optional[str], name: Optional[str],
+                 refresh: Optional[Callable[[], "Entry"]] = None) -> None:
+        self.path, self.root, self.name, self._refresh = path, root, name, refresh
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[str]:
-        """Holds the entry's shared use-lock, so maintenance leaves it alone meanwhile."""
-        if self.root is None or self.name is None:
-            yield self.path
-            return
-        try:
-            lock = _core.FileLock.acquire(_core.use_lock_path(self.root, self.name),
-                                          exclusive=False, timeout=60.0)
-        except errors.AccessDeniedError:
-            # A read-only layer: nobody can modify it through hubfast anyway.
-            yield self.path
-            return
-        try:
-            yield self.path
-        finally:
-            lock.release()
+        """Holds the entry's shared use-lock, so maintenance leaves it alone meanwhile.
+
+        `hubfast rm`/`prune` may remove the entry between resolve() and this lock: then
+        it is resolved again (fetched if need be), at most a few times."""
+        entry = self
+        for _ in range(3):
+            if entry.root is None or entry.name is None:
+                yield entry.path
+                return
+            try:
+                lock = _core.FileLock.acquire(_core.use_lock_path(entry.root, entry.name),
+                                              exclusive=False, timeout=60.0)
+            except errors.AccessDeniedError:
+                # A read-only layer: nobody can modify it through hubfast anyway.
+                yield entry.path
+                return
+            try:
+                state, path, _ = _core.lookup_entry(entry.root, entry.name)
+                if state in ("complete", "foreign"):
+                    yield path
+                    return
+            finally:
+                lock.release()
+            if entry._refresh is None:
+                break
+            entry = entry._refresh()
+        raise errors.NotFoundError(
+            f"{self.path}: the cache entry was removed while it was being opened "
+            "(by `hubfast rm`/`prune` or another cleaner); try again")
 
 
-def _lookup(handle: str, name: str, s: config.Settings) -> Optional[Entry]:
+def _lookup(handle: str, name: str, s: config.Settings,
+            refresh: Callable[[], Entry]) -> Optional[Entry]:
     for layer in s.cache_layers:
         state, path, _ = _core.lookup_entry(layer, name)
         if state in ("complete", "foreign"):
-            return Entry(path, layer, name)
+            return Entry(path, layer, name, refresh)
     state, path, reason = _core.lookup_entry(s.cache_dir, name)
     if state in ("complete", "foreign"):
-        return Entry(path, s.cache_dir, name)
+        return Entry(path, s.cache_dir, name, refresh)
     if state == "broken":
         logger.warning("hubfast: cache entry %s for %s is broken (%s); fetching it again",
                        path, handle, reason)
@@ -114,7 +131,11 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
     """Returns the complete cache entry for `handle`, extracting `path` or `url` when needed."""
     s = config.settings()
     name = name or entry_name(handle)
-    found = _lookup(handle, name, s)
+
+    def refresh() -> Entry:
+        return fetch_entry(handle, path=path, url=url, fetch=fetch, sha256=sha256, name=name)
+
+    found = _lookup(handle, name, s, refresh)
     if found is not None:
         _record({"handle": handle, "path": found.path, "cached": True})
         return found
@@ -149,4 +170,4 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
                     handle, st["bytes_in"] / 2**20, st["compression"], st["files"],
                     st["bytes_out"] / 2**20, st["seconds"], result["lock_wait"])
     _record(stats)
-    return Entry(result["path"], s.cache_dir, name)
+    return Entry(result["path"], s.cache_dir, name, refresh)

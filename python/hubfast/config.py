@@ -25,7 +25,10 @@ FSYNC_ENV = "HUBFAST_FSYNC"
 LOCK_MODE_ENV = "HUBFAST_LOCK_MODE"  # auto | flock | heartbeat
 HEARTBEAT_STALE_ENV = "HUBFAST_HEARTBEAT_STALE"  # s before a heartbeat lock is taken over
 TFHUB_LOCK_STALE_ENV = "HUBFAST_TFHUB_LOCK_STALE"  # s; tensorflow_hub's own rule is 600
-CONNECTIONS_ENV = "HUBFAST_CONNECTIONS"
+CONNECTIONS_ENV = "HUBFAST_CONNECTIONS"  # most parallel connections per download
+# 1: open connections beyond two only while the decoder waits for bytes; 0: all at once
+ADAPTIVE_CONNECTIONS_ENV = "HUBFAST_ADAPTIVE_CONNECTIONS"
+MIN_PARALLEL_BYTES_ENV = "HUBFAST_MIN_PARALLEL_BYTES"  # smaller archives: one connection
 CONNECT_TIMEOUT_ENV = "HUBFAST_CONNECT_TIMEOUT"
 STALL_TIMEOUT_ENV = "HUBFAST_STALL_TIMEOUT"
 MAX_RETRIES_ENV = "HUBFAST_MAX_RETRIES"
@@ -33,6 +36,7 @@ MAX_EXTRACT_BYTES_ENV = "HUBFAST_MAX_EXTRACT_BYTES"
 MAX_MEMBERS_ENV = "HUBFAST_MAX_MEMBERS"
 PINS_ENV = "HUBFAST_PINS"  # file of "<handle> <sha256>" lines
 MIRRORS_ENV = "HUBFAST_MIRRORS"  # "prefix=replacement" pairs, comma-separated
+PREFETCH_NICE_ENV = "HUBFAST_PREFETCH_NICE"  # nice increment of background fetches (0: none)
 # Endpoint overrides for the public hosts (scheme://host[:port][/prefix]): a fleet's cache,
 # or the loopback test server. Each names the hosts it stands in for.
 ENDPOINT_ENVS = {
@@ -125,6 +129,9 @@ class Settings:
     mirrors: tuple
     endpoints: tuple = ()  # (service, base URL) pairs, see ENDPOINT_ENVS
     gcs_auth: str = "auto"
+    prefetch_nice: int = 10
+    adaptive_connections: bool = True
+    min_parallel_bytes: int = 64 << 20
 
 
 def cache_dir() -> str:
@@ -175,6 +182,9 @@ def settings() -> Settings:
         mirrors=_mirrors(),
         endpoints=_endpoints(),
         gcs_auth=os.environ.get(GCS_AUTH_ENV, "auto").strip().lower() or "auto",
+        prefetch_nice=_int(PREFETCH_NICE_ENV, 10),
+        adaptive_connections=os.environ.get(ADAPTIVE_CONNECTIONS_ENV, "1").strip() != "0",
+        min_parallel_bytes=_int(MIN_PARALLEL_BYTES_ENV, 64 << 20),
     )
 
 

@@ -18,12 +18,30 @@ from . import config, errors
 CA_BUNDLE_ENVS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
 
 
+# Where distributions keep their CA bundle (Debian/Ubuntu first: libcurl's own default
+# there). A wheel's bundled libcurl keeps the path it was built with, which another
+# distribution may not have.
+SYSTEM_CA_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",                # Debian, Ubuntu, Alpine, Arch
+    "/etc/pki/tls/certs/ca-bundle.crt",                  # Fedora, RHEL, CentOS
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",  # RHEL 7+
+    "/etc/ssl/ca-bundle.pem",                            # openSUSE
+    "/etc/ssl/cert.pem",                                 # Alpine, macOS-like layouts
+)
+
+
 def ca_bundle() -> str:
-    """The CA bundle requests would use; empty: the system store."""
+    """The CA bundle requests would use; else the system's when libcurl's built-in
+    default is not on this machine; empty: libcurl's default store."""
     for name in CA_BUNDLE_ENVS:
         value = os.environ.get(name)
         if value:
             return value
+    if os.path.exists(SYSTEM_CA_BUNDLES[0]):
+        return ""
+    for path in SYSTEM_CA_BUNDLES[1:]:
+        if os.path.exists(path):
+            return path
     return ""
 
 
@@ -56,6 +74,8 @@ def fetch_options(url: str, headers: Optional[List[str]] = None,
         "low_speed_time": s.stall_timeout,
         "max_retries": s.max_retries,
         "connections": s.connections,
+        "adaptive_connections": s.adaptive_connections,
+        "min_parallel_bytes": s.min_parallel_bytes,
         "user_agent": f"hubfast/{_version()}",
     }
 

@@ -2,10 +2,21 @@
 TFHUB_DOWNLOAD_PROGRESS is set; silent otherwise."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Optional
 
 ProgressFn = Callable[[int, int, int], None]
+
+
+def _fixed_size() -> dict:
+    """{} (tqdm follows the terminal) unless the terminal reports no size, as a fresh
+    pseudo-terminal or a serial console does: then tqdm would draw nothing at all."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {} if size.columns > 0 and size.lines > 0 else {"ncols": 80, "nrows": 24}
 
 
 class _Bar:
@@ -13,7 +24,7 @@ class _Bar:
         from tqdm.auto import tqdm  # optional dependency: hubfast[progress]
 
         self._bar = tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                         leave=False, file=sys.stderr)
+                         leave=False, file=sys.stderr, **_fixed_size())
         self._seen = 0
 
     def __call__(self, bytes_in: int, total_in: int, bytes_out: int) -> None:

@@ -25,7 +25,10 @@ struct FetchOptions {
   int max_retries = 5;
   double backoff_base = 0.5;          // seconds; doubled each retry, jittered
   double backoff_max = 30;
-  int connections = 4;                // parallel ranged connections when allowed
+  int connections = 4;                // parallel ranged connections when allowed (at most)
+  // Open connections beyond the first two only while the consumer waits for
+  // bytes (a slow link); false: all of them at once.
+  bool adaptive_connections = true;
   uint64_t min_parallel_bytes = 64ull << 20;  // smaller objects: one stream
   bool verify_goog_hash = true;
   std::string user_agent = "hubfast";

@@ -28,18 +28,13 @@ into gzip (the ``gzip -6`` tool by default, like ``tar | gzip -6``), zstd
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
-import io
-import lzma
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 import tempfile
-from typing import IO, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -438,110 +433,33 @@ def write_gaussian_model(
 # 6. Packing
 # ---------------------------------------------------------------------------
 
-_DEFAULT_LEVELS = {"gz": 6, "zst": 3, "bz2": 9, "xz": 6}
+def _pack_module() -> Any:
+    """``hubfast.pack`` (standard library only), also when the package itself cannot be
+    imported (e.g. its native module is not built): then it is loaded from its file."""
+    try:
+        from hubfast import pack as pack_mod  # noqa: PLC0415
 
+        return pack_mod
+    except ImportError:  # pragma: no cover - depends on the state of the package
+        import importlib.util  # noqa: PLC0415
+        import sys  # noqa: PLC0415
 
-class _CompressorWriter(io.RawIOBase):
-    """A write-only file object: ``compressor.compress`` into ``out``."""
-
-    def __init__(self, out: IO[bytes], compressor: Any) -> None:
-        super().__init__()
-        self._out = out
-        self._c = compressor
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:  # type: ignore[override]
-        data = self._c.compress(bytes(b))
-        if data:
-            self._out.write(data)
-        return len(b)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._out.write(self._c.flush())
-        super().close()
-
-
-class _ZstdFramesWriter(io.RawIOBase):
-    """Writes independent zstd frames of ``frame_size`` uncompressed bytes each.
-
-    Every frame carries its content size and a content checksum, so decoders
-    can locate and decode frames in parallel.
-    """
-
-    def __init__(self, out: IO[bytes], cctx: Any, frame_size: int) -> None:
-        super().__init__()
-        if frame_size <= 0:
-            raise ValueError("zstd_frame_size must be positive")
-        self._out = out
-        self._cctx = cctx
-        self._size = frame_size
-        self._buf = bytearray()
-        self._frames = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:  # type: ignore[override]
-        self._buf += b
-        if len(self._buf) >= self._size:
-            mv = memoryview(self._buf)
-            n = (len(self._buf) // self._size) * self._size
-            for off in range(0, n, self._size):
-                self._out.write(self._cctx.compress(mv[off : off + self._size]))
-                self._frames += 1
-            mv.release()
-            del self._buf[:n]
-        return len(b)
-
-    def close(self) -> None:
-        if not self.closed:
-            if self._buf or self._frames == 0:
-                self._out.write(self._cctx.compress(bytes(self._buf)))
-                self._frames += 1
-            self._buf = bytearray()
-        super().close()
+        name = "hubfast_pack_standalone"
+        if name in sys.modules:
+            return sys.modules[name]
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "pack.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
 
 
 def _iter_tree(src: str) -> Iterator[Tuple[str, str]]:
-    """Yields ``(abspath, relpath)`` depth-first in sorted order, dirs before contents."""
-    for name in sorted(os.listdir(src)):
-        full = os.path.join(src, name)
-        yield full, name
-        if os.path.isdir(full) and not os.path.islink(full):
-            for sub_full, sub_rel in _iter_tree(full):
-                yield sub_full, name + "/" + sub_rel
-
-
-def _write_tar(
-    fileobj: IO[bytes],
-    src_dir: str,
-    member_prefix: str,
-    tar_format: int,
-    mtime: Optional[int],
-) -> None:
-    def norm(ti: tarfile.TarInfo) -> tarfile.TarInfo:
-        ti.uid = ti.gid = 0
-        ti.uname = ti.gname = ""
-        ti.mtime = int(ti.mtime) if mtime is None else int(mtime)
-        return ti
-
-    # Large blocks: tarfile copies file data in copybufsize pieces (16 KiB by default).
-    with tarfile.open(
-        fileobj=fileobj, mode="w|", format=tar_format, bufsize=1 << 20, copybufsize=1 << 20
-    ) as tar:
-        root_name = member_prefix.rstrip("/")
-        if root_name:
-            tar.addfile(norm(tar.gettarinfo(src_dir, arcname=root_name)))
-        for full, rel in _iter_tree(src_dir):
-            ti = norm(tar.gettarinfo(full, arcname=member_prefix + rel))
-            if ti.isreg():
-                with open(full, "rb") as f:
-                    tar.addfile(ti, f)
-            else:
-                tar.addfile(ti)
+    """``(abspath, relpath)`` in the order ``hubfast pack`` writes them."""
+    return _pack_module()._iter_tree(src)
 
 
 def pack_tar(
@@ -558,6 +476,7 @@ def pack_tar(
 ) -> str:
     """Packs ``src_dir`` into a tfhub.dev-like tar archive at ``out_path``.
 
+    A thin wrapper of :func:`hubfast.pack.pack` (which ``hubfast pack`` uses).
     Members are ``member_prefix`` + the path relative to ``src_dir``, depth
     first in sorted order, with the root itself first as ``./`` (for the
     default prefix): ``./``, ``./assets/``, ..., ``./saved_model.pb``,
@@ -572,8 +491,8 @@ def pack_tar(
         when ``gzip_tool`` is None or not installed: same format, different
         deflate stream), ``"zst"`` (``zstandard``; one frame, or with
         ``zstd_frame_size`` independent frames of that many uncompressed bytes,
-        each with content size and checksum), ``"bz2"``, ``"xz"`` or
-        ``"none"``.
+        each with content size and checksum, and no seek table), ``"bz2"``,
+        ``"xz"`` or ``"none"``.
       level: compression level; defaults gz 6, zst 3, bz2 9, xz 6.
       zstd_frame_size: only for ``"zst"``.
       member_prefix: ``"./"`` like tfhub.dev; ``""`` gives bare names and no
@@ -581,74 +500,20 @@ def pack_tar(
       gzip_tool: the gzip-compatible command to run (``"gzip"``, ``"pigz"``,
         ``"igzip"``; each makes a different stream), or None for Python's.
 
-    The tar is streamed into the compressor; memory stays small (plus one
-    frame for multi-frame zstd). Returns ``out_path`` as a string.
+    The tar is streamed into the compressor; memory stays small (plus a few
+    frames for multi-frame zstd). Returns ``out_path`` as a string.
     """
-    src = os.fspath(src_dir)
-    out = os.fspath(out_path)
-    if not os.path.isdir(src):
-        raise NotADirectoryError(src)
-    if member_prefix and not member_prefix.endswith("/"):
-        raise ValueError("member_prefix must be empty or end with '/'")
     if zstd_frame_size is not None and compression != "zst":
         raise ValueError("zstd_frame_size only applies to compression='zst'")
     if compression not in ("gz", "zst", "bz2", "xz", "none"):
         raise ValueError(f"unknown compression {compression!r}")
-    lvl = _DEFAULT_LEVELS.get(compression) if level is None else int(level)
-
-    def tar_into(fileobj: IO[bytes]) -> None:
-        _write_tar(fileobj, src, member_prefix, tar_format, mtime)
-
-    tmp = out + ".partial"
-    try:
-        with open(tmp, "wb") as raw:
-            if compression == "none":
-                tar_into(raw)
-            elif compression == "gz":
-                tool = shutil.which(gzip_tool) if gzip_tool else None
-                if tool:
-                    proc = subprocess.Popen(
-                        [tool, f"-{lvl}", "-n", "-c"], stdin=subprocess.PIPE, stdout=raw
-                    )
-                    assert proc.stdin is not None
-                    try:
-                        tar_into(proc.stdin)  # type: ignore[arg-type]
-                    finally:
-                        proc.stdin.close()
-                        rc = proc.wait()
-                    if rc != 0:
-                        raise RuntimeError(f"{tool} exited with status {rc}")
-                else:
-                    with gzip.GzipFile(
-                        filename="", mode="wb", compresslevel=lvl, fileobj=raw, mtime=0
-                    ) as gz:
-                        tar_into(gz)  # type: ignore[arg-type]
-            elif compression == "zst":
-                import zstandard  # noqa: PLC0415
-
-                cctx = zstandard.ZstdCompressor(
-                    level=lvl, write_checksum=True, write_content_size=True
-                )
-                if zstd_frame_size:
-                    with _ZstdFramesWriter(raw, cctx, int(zstd_frame_size)) as w:
-                        tar_into(w)  # type: ignore[arg-type]
-                else:
-                    with cctx.stream_writer(raw, closefd=False) as w:
-                        tar_into(w)
-            elif compression == "bz2":
-                with _CompressorWriter(raw, bz2.BZ2Compressor(lvl)) as w:
-                    tar_into(w)  # type: ignore[arg-type]
-            else:  # xz
-                with _CompressorWriter(raw, lzma.LZMACompressor(preset=lvl)) as w:
-                    tar_into(w)  # type: ignore[arg-type]
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return out
+    tool = gzip_tool if gzip_tool and shutil.which(gzip_tool) else "python"
+    result = _pack_module().pack(
+        src_dir, out_path, compression=compression, level=level,
+        frame_size=int(zstd_frame_size) if zstd_frame_size else None, seek_table=False,
+        gzip_tool=tool, member_prefix=member_prefix, tar_format=tar_format, mtime=mtime,
+        allow_links=True)
+    return result["path"]
 
 
 def zstd_frame_count(path: PathLike) -> int:
