@@ -117,6 +117,7 @@ ExtractOptions extract_options(const py::dict& limits, const std::string& sha256
   maybe(limits, "max_members", &o.limits.max_members);
   maybe(limits, "max_path", &o.limits.max_path);
   maybe(limits, "max_pax_header", &o.limits.max_pax_header);
+  maybe(limits, "decode_threads", &o.decode.threads);
   o.expected_sha256 = sha256;
   o.decode.use_isal = use_isal;
   return o;
@@ -146,6 +147,7 @@ py::dict stats_dict(const ExtractStats& s) {
   d["files"] = s.files;
   d["dirs"] = s.dirs;
   d["units"] = s.units;
+  d["decode_threads"] = s.decode_threads;
   d["seconds"] = s.seconds;
   d["read_busy"] = s.read_busy;
   d["decode_busy"] = s.decode_busy;

@@ -9,6 +9,8 @@
 #include <isa-l/igzip_lib.h>
 #endif
 
+#include <sched.h>
+
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -17,6 +19,7 @@
 
 #include "hubfast/digest.h"
 #include "hubfast/error.h"
+#include "hubfast/pgzip.h"
 #include "hubfast/pzstd.h"
 
 namespace hubfast {
@@ -435,15 +438,28 @@ bool have_isal() {
 #endif
 }
 
+namespace {
+
+// Cores this process may run on (a container's cpuset, taskset), not the host's.
+int usable_cores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1, int(std::thread::hardware_concurrency()));
+}
+
+}  // namespace
+
 std::unique_ptr<Decoder> make_decoder(Compression c, const DecodeOptions& opt) {
+  const int threads = opt.threads > 0 ? opt.threads : usable_cores();
   switch (c) {
     case Compression::kGzip:
 #ifdef HUBFAST_HAVE_ISAL
+      // One gzip stream on every core; it decodes small streams in one (ISA-L) itself.
+      if (opt.use_isal && threads > 1) return make_parallel_gzip_decoder(threads);
       if (opt.use_isal) return std::make_unique<GzipIsalDecoder>();
 #endif
       return std::make_unique<GzipZlibDecoder>();
     case Compression::kZstd: {
-      int threads = opt.threads > 0 ? opt.threads : int(std::thread::hardware_concurrency());
       if (threads > 1) return make_parallel_zstd_decoder(threads, DecodeOptions{opt.use_isal, opt.zstd_window_log_max, opt.xz_memlimit, 1});
       return std::make_unique<ZstdDecoder>(opt.zstd_window_log_max);
     }

@@ -288,6 +288,7 @@ class ParallelGzip : public Decoder {
   }
 
   uint64_t units() const override { return seq_ ? seq_->units() : members_; }
+  int parallelism() const override { return parallel_started_ ? threads_ : 1; }
 
   ParallelGzipStats stats() const {
     ParallelGzipStats s;

@@ -139,6 +139,7 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
       dec->finish(emit);
       out.flush();
       stats.units = dec->units();
+      stats.decode_threads = dec->parallelism();
       decoded.close();
     } catch (...) {
       fail(std::current_exception());

@@ -98,6 +98,7 @@ class ParallelZstdDecoder : public Decoder {
   }
 
   uint64_t units() const override { return units_ + (sequential_ ? sequential_->units() : 0); }
+  int parallelism() const override { return units_ > 1 ? int(workers_.size()) : 1; }
 
  private:
   void submit(Bytes frame, const OutFn& out) {

@@ -144,7 +144,8 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
         raise errors.OfflineError(
             f"{handle}: not in any cache and {config.OFFLINE_ENV} is set "
             f"(searched: {searched}); unset it or fill a cache with `hubfast fetch`")
-    limits = {"max_total_bytes": s.max_extract_bytes, "max_members": s.max_members}
+    limits = {"max_total_bytes": s.max_extract_bytes, "max_members": s.max_members,
+              "decode_threads": s.decode_threads}
     bar = progress.make_progress(_short(handle), s.show_progress)
     try:
         result = _core.ensure_entry(s.cache_dir, name, handle, path=path, url=url,

@@ -28,6 +28,7 @@ TFHUB_LOCK_STALE_ENV = "HUBFAST_TFHUB_LOCK_STALE"  # s; tensorflow_hub's own rul
 CONNECTIONS_ENV = "HUBFAST_CONNECTIONS"  # most parallel connections per download
 # 1: open connections beyond two only while the decoder waits for bytes; 0: all at once
 ADAPTIVE_CONNECTIONS_ENV = "HUBFAST_ADAPTIVE_CONNECTIONS"
+DECODE_THREADS_ENV = "HUBFAST_DECODE_THREADS"  # gzip/zstd decoding threads; 0: every core
 MIN_PARALLEL_BYTES_ENV = "HUBFAST_MIN_PARALLEL_BYTES"  # smaller archives: one connection
 CONNECT_TIMEOUT_ENV = "HUBFAST_CONNECT_TIMEOUT"
 STALL_TIMEOUT_ENV = "HUBFAST_STALL_TIMEOUT"
@@ -132,6 +133,7 @@ class Settings:
     prefetch_nice: int = 10
     adaptive_connections: bool = True
     min_parallel_bytes: int = 64 << 20
+    decode_threads: int = 0
 
 
 def cache_dir() -> str:
@@ -185,6 +187,7 @@ def settings() -> Settings:
         prefetch_nice=_int(PREFETCH_NICE_ENV, 10),
         adaptive_connections=os.environ.get(ADAPTIVE_CONNECTIONS_ENV, "1").strip() != "0",
         min_parallel_bytes=_int(MIN_PARALLEL_BYTES_ENV, 64 << 20),
+        decode_threads=_int(DECODE_THREADS_ENV, 0),
     )
 
 

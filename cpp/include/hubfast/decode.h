@@ -28,6 +28,8 @@ class Decoder {
   virtual void finish(const OutFn& out) = 0;
   // Frames or members decoded so far (zstd frames, gzip members).
   virtual uint64_t units() const { return 0; }
+  // Threads that decoded in parallel (1: one stream), once finished.
+  virtual int parallelism() const { return 1; }
 };
 
 struct DecodeOptions {

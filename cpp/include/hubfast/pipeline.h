@@ -31,6 +31,7 @@ struct Progress {
 struct ExtractStats {
   Compression compression = Compression::kNone;
   uint64_t bytes_in = 0, bytes_out = 0, files = 0, dirs = 0, units = 0;
+  int decode_threads = 1;  // threads that decoded the stream in parallel (1: one stream)
   double seconds = 0, read_busy = 0, decode_busy = 0, write_busy = 0;
   std::string sha256;  // of the archive bytes, when computed
   std::map<std::string, double> source;  // the source's own counters
