@@ -197,8 +197,11 @@ def test_prefetch_threads_run_at_background_priority(tmp_path):
         def nices():
             out = {}
             for tid in os.listdir("/proc/self/task"):
-                with open(f"/proc/self/task/{tid}/stat") as f:
-                    out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+                try:
+                    with open(f"/proc/self/task/{tid}/stat") as f:
+                        out[int(tid)] = int(f.read().rsplit(")", 1)[1].split()[16])
+                except (FileNotFoundError, ProcessLookupError):
+                    pass  # the thread ended meanwhile
             return out
 
         before = nices()
