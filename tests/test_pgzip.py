@@ -94,3 +94,34 @@ def test_damage_is_an_integrity_error_and_leaves_nothing(model, tmp_path, monkey
         hubfast.resolve(str(bad))
     left = [p.name for p in cache.iterdir()] if cache.exists() else []
     assert not [n for n in left if not n.endswith((".lock", ".use"))], left
+
+
+_TOOLS = {
+    "gzip -1": ["gzip", "-1", "-c"], "gzip -6": ["gzip", "-6", "-c"], "gzip -9": ["gzip", "-9", "-c"],
+    "pigz": ["pigz", "-6", "-c"], "pigz -i": ["pigz", "-6", "-i", "-c"],  # -i: independent blocks
+    "igzip": ["igzip", "-3", "-c"],
+}
+
+
+@pytest.mark.parametrize("tool", list(_TOOLS))
+def test_archives_from_every_common_compressor(model, tmp_path, monkeypatch, tool):
+    """Byte-identical trees from the real tools' streams, each decoded by two threads."""
+    import shutil
+    import subprocess
+
+    cmd = _TOOLS[tool]
+    if shutil.which(cmd[0]) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{cmd[0]} is missing (dev/setup installs it)")
+        pytest.skip(f"{cmd[0]} is not installed")
+    src, gz, digest = model
+    with gzip.open(gz) as f:
+        tar = f.read()
+    out = tmp_path / "m.tar.gz"
+    with open(out, "wb") as f:
+        subprocess.run(cmd, input=tar, stdout=f, check=True, timeout=300)
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HUBFAST_DECODE_THREADS", "2")
+    path = hubfast.resolve(str(out))
+    assert hubfast.last_stats()["decode_threads"] == 2
+    assert tree_digest(path) == digest
