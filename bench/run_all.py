@@ -68,6 +68,8 @@ def main() -> None:
         part("bench_fetch.py", *(q if args.quick else q + ["--sizes", "256,1024"]))
     part("bench_coldstart.py", *(q if args.quick else q + ["--sizes", "256,1024"]))
     part("bench_processes.py", *(q if args.quick else q + ["--size", "1024"]))
+    if not args.quick:  # 1 GiB only: the gate is defined on it (about 2 minutes)
+        part("bench_pgzip.py", "--runs", args.runs)
     assemble()
 
 
@@ -75,7 +77,7 @@ def assemble() -> None:
     chart()
     head = (HERE / "RESULTS.head.md").read_text() if (HERE / "RESULTS.head.md").exists() else ""
     parts = [head] + [(common.OUT / f"{p}.md").read_text()
-                      for p in ("extract", "fetch", "coldstart", "processes")
+                      for p in ("extract", "fetch", "coldstart", "processes", "pgzip")
                       if (common.OUT / f"{p}.md").exists()]
     if (HERE / "coldstart.png").exists():
         parts.append("![cold start by model size](coldstart.png)\n")
