@@ -940,17 +940,21 @@ def test_connections_grow_only_while_the_decoder_waits(slow_decoding, cache_dir,
                                                        capped):
     """Adaptive parallelism: a consumer slower than the link (bzip2 on loopback) gets two
     connections, not eight; a link slower than the consumer (a per-connection cap) gets
-    every connection allowed."""
+    every connection allowed, and gets them while the first segment still arrives."""
     archive, digest = slow_decoding
     monkeypatch.setenv("HUBFAST_MIN_PARALLEL_BYTES", str(8 * MiB))  # 4 MiB segments
     monkeypatch.setenv("HUBFAST_CONNECTIONS", "4")
     with TFHubServer(bandwidth=(2 * MiB if capped else 0)) as srv:
         srv.add_archive(HANDLE_PATH, str(archive))
         path = hubfast.resolve(srv.url_for(HANDLE_PATH))
+        gets = sorted(r.time for r in srv.stats.requests_for(HANDLE_PATH) if r.method == "GET")
     src = hubfast.last_stats()["source"]
     assert tree_digest(path) == digest
     assert src["segments"] >= 4
     if capped:  # grew past the first two (up to one per segment left)
         assert src["connections"] > 2, src
+        # Segment 0 (4 MiB at 2 MiB/s) takes 2 s: the decoder waiting on it opened the
+        # third and fourth connections well before it ended.
+        assert len(gets) >= 4 and gets[3] - gets[0] < 1.0, [round(t - gets[0], 2) for t in gets]
     else:  # two; a third at most if a worker was slow to start on a loaded machine
         assert src["connections"] < 4, src

@@ -433,10 +433,13 @@ class HttpSource : public Source {
 
 class Parallel {
  public:
-  Parallel(HttpSource& src, const CancelToken& cancel, uint64_t total, uint64_t seg, size_t window)
+  Parallel(HttpSource& src, const CancelToken& cancel, uint64_t total, uint64_t seg, size_t window,
+           std::function<double()> probe)
       : src_(src), cancel_(cancel), total_(total), seg_(seg), nseg_((total + seg - 1) / seg),
-        window_(window), slots_(window) {
+        window_(window), slots_(window), probe_(std::move(probe)) {
     halted_ = [this] { return cancel_.cancelled() || halt_.load(std::memory_order_relaxed); };
+    window_start_ = Clock::now();
+    waited_at_window_ = waited();
   }
   ~Parallel() { stop(); }
   Parallel(const Parallel&) = delete;
@@ -454,10 +457,34 @@ class Parallel {
   }
 
   // Connections grow with need: the consumer (decoder and writer behind it)
-  // waiting for bytes means the transfer is the bottleneck, so another
-  // connection helps; a consumer that never waits gains nothing from more
+  // waiting for bytes means the transfer is the bottleneck, so more
+  // connections help; a consumer that never waits gains nothing from more
   // connections but pays their CPU. Called from the consuming thread only.
   void allow_workers(int max_workers) { max_workers_ = max_workers; }
+
+  // Doubles the connections (up to the allowed count) whenever the consumer
+  // spent more than half of two windows of kGrowAfter in a row waiting, so a slow
+  // link reaches the full count in a few steps while a fast one, whose
+  // consumer waits only briefly between chunks, keeps its two. The wait is
+  // the pipeline's (its decoder on an empty queue) when it measures it, else
+  // this thread's own wait for segments. Windows start at the first
+  // response: time to the first byte is latency, not a slow link. Consuming
+  // thread only, during segment 0 too.
+  void grow_if_starved() {
+    if (int(threads_.size()) >= max_workers_) return;
+    auto now = Clock::now();
+    auto wall = now - window_start_;
+    if (wall < kGrowAfter) return;
+    auto waited = this->waited();
+    bool starved = (waited - waited_at_window_) * 2 > wall;
+    window_start_ = now;
+    waited_at_window_ = waited;
+    starved_windows_ = starved ? starved_windows_ + 1 : 0;
+    if (starved_windows_ < kStarvedWindows) return;
+    starved_windows_ = 0;
+    int n = int(threads_.size());
+    add_workers(std::min(max_workers_ - n, std::max(1, n)));
+  }
 
   // Emits segments 1.. in order through `sink` (segment 0 went out directly).
   void consume(const std::function<void(const uint8_t*, size_t)>& sink) {
@@ -475,18 +502,18 @@ class Parallel {
               break;
             }
             if (cancel_.cancelled()) throw Error(ErrorKind::kCancelled, "download cancelled: " + src_.url_);
-            if (starved_ >= kGrowAfter && int(threads_.size()) < max_workers_) {
-              starved_ = std::chrono::nanoseconds(0);
-              lk.unlock();
-              add_workers(1);
-              lk.lock();
-              continue;
-            }
             waiting_ = int64_t(i);
+            // Woken for a worthwhile amount, not for every network read: on
+            // many slow connections each wake costs two context switches for
+            // a few KiB.
+            wanted_ = std::min(len, done + kWakeBytes);
             auto w0 = Clock::now();
             data_cv_.wait_for(lk, kGrowAfter);
-            starved_ += Clock::now() - w0;
+            own_wait_ += Clock::now() - w0;
             waiting_ = -1;
+            lk.unlock();
+            grow_if_starved();
+            lk.lock();
           }
         }
         // Bytes below `filled` are final: the worker only writes beyond it.
@@ -550,7 +577,7 @@ class Parallel {
           std::memcpy(buf + (off - base), p, n);
           std::lock_guard<std::mutex> lk(mu_);
           s->filled = off - base + n;
-          if (waiting_ == int64_t(i)) data_cv_.notify_all();
+          if (waiting_ == int64_t(i) && s->filled >= wanted_) data_cv_.notify_all();
         };
         src_.st_segments_.fetch_add(1);
         src_.note_active(1);
@@ -584,10 +611,21 @@ class Parallel {
   std::condition_variable work_cv_, data_cv_;
   uint64_t head_ = 0;  // segment being emitted (guarded by mu_)
   uint64_t next_ = 1;  // next segment to claim; 0 is the first stream's
-  int64_t waiting_ = -1;
-  int max_workers_ = 0;  // consumer thread only
-  std::chrono::nanoseconds starved_{0};  // consumer's wait since the last new worker
+  int64_t waiting_ = -1;  // segment the consumer waits for, and for how much of it
+  uint64_t wanted_ = 0;
+  std::chrono::nanoseconds waited() const {
+    if (probe_) return std::chrono::nanoseconds(int64_t(probe_() * 1e9));
+    return own_wait_;
+  }
+  int max_workers_ = 0;  // consumer thread only, like the three below
+  std::function<double()> probe_;  // the pipeline's consumer wait (s), if measured
+  std::chrono::nanoseconds own_wait_{0};  // this thread's wait for segments
+  Clock::time_point window_start_;
+  int starved_windows_ = 0;  // in a row
+  static constexpr int kStarvedWindows = 2;  // a blip of waiting is no slow link
+  std::chrono::nanoseconds waited_at_window_{0};
   static constexpr std::chrono::milliseconds kGrowAfter{20};
+  static constexpr uint64_t kWakeBytes = 1 * kMiB;
   bool stopping_ = false;
   std::exception_ptr error_;
   std::atomic<bool> halt_{false}, failed_{false};
@@ -834,7 +872,7 @@ uint64_t HttpSource::plan() {
     if (nseg >= 2) {
       size_t window = size_t(std::max<uint64_t>(2, std::min<uint64_t>(2 * conns, kWindowBytes / seg)));
       parallel_ = true;
-      par_ = std::make_unique<Parallel>(*this, *cancel_, m.total, seg, window);
+      par_ = std::make_unique<Parallel>(*this, *cancel_, m.total, seg, window, consumer_wait_);
       // Adaptive: one worker ahead of the first stream; more while the consumer starves.
       int start = opt_.adaptive_connections ? 1 : opt_.connections - 1;
       par_->add_workers(start);
@@ -1163,6 +1201,7 @@ void HttpSource::sink_direct(const uint8_t* p, size_t n) {
   }
   emitted_ += n;
   (*emit_)(p, n);
+  if (par_) par_->grow_if_starved();
 }
 
 void HttpSource::verify_end() {

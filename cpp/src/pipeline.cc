@@ -95,6 +95,11 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
       std::unique_ptr<Digest> sha;
       if (!opt.expected_sha256.empty()) sha = std::make_unique<Digest>(DigestAlgo::kSha256);
       Chunker out(compressed, opt.chunk_bytes);
+      struct Probe {  // the queue dies with extract(); the source may not
+        Source& s;
+        ~Probe() { s.set_consumer_wait(nullptr); }
+      } probe{src};
+      src.set_consumer_wait([&compressed] { return compressed.wait_seconds(); });
       src.run(
           [&](const uint8_t* p, size_t n) {
             if (sha) sha->update(p, n);

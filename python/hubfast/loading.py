@@ -2,10 +2,11 @@
 modules in TF2 (a ``tfhub_module.pb`` means the empty tag set by default)."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
-from typing import Any, Iterable, Optional
-
 import sys
+from typing import Any, Iterable, Iterator, Optional
 
 from . import prefetch as _prefetch
 from . import resolvers
@@ -63,9 +64,27 @@ def load(handle: resolvers.Handle, tags: Optional[Iterable[str]] = None,
         is_hub_module_v1 = (tf.io.gfile.exists(proto) if "://" in path else os.path.exists(proto))
         if tags is None and is_hub_module_v1:
             tags = []
-        if options is not None:
-            obj = tf.compat.v1.saved_model.load_v2(path, tags=tags, options=options)
-        else:
-            obj = tf.compat.v1.saved_model.load_v2(path, tags=tags)
+        with _gc_paused():
+            if options is not None:
+                obj = tf.compat.v1.saved_model.load_v2(path, tags=tags, options=options)
+            else:
+                obj = tf.compat.v1.saved_model.load_v2(path, tags=tags)
     obj._is_hub_module_v1 = is_hub_module_v1  # pylint: disable=protected-access
     return obj
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cycle collector off while TensorFlow loads a SavedModel.
+
+    The load allocates many Python objects, which triggers full collections that walk
+    every object TensorFlow's import created: 10-20% of a 1 GiB load in profiles here.
+    Objects made meanwhile are collected after, as usual.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -1,7 +1,9 @@
 // A bounded queue between pipeline stages and the cancel token they share.
 // The bound is what keeps memory flat however large the archive is.
 #pragma once
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -43,7 +45,13 @@ class BoundedQueue {
   // Blocks while empty. nullopt once closed and drained, or aborted.
   std::optional<T> pop() {
     std::unique_lock<std::mutex> lk(mu_);
-    not_empty_.wait(lk, [&] { return aborted_ || closed_ || !items_.empty(); });
+    if (items_.empty() && !closed_ && !aborted_) {
+      int64_t t0 = now_ns();
+      waiting_since_.store(t0, std::memory_order_relaxed);
+      not_empty_.wait(lk, [&] { return aborted_ || closed_ || !items_.empty(); });
+      waiting_since_.store(0, std::memory_order_relaxed);
+      wait_ns_.fetch_add(now_ns() - t0, std::memory_order_relaxed);
+    }
     if (aborted_ || items_.empty()) return std::nullopt;
     T v = std::move(items_.front());
     items_.pop_front();
@@ -56,6 +64,19 @@ class BoundedQueue {
     std::lock_guard<std::mutex> lk(mu_);
     closed_ = true;
     not_empty_.notify_all();
+  }
+
+  // Seconds consumers have spent waiting on an empty queue, in all: the
+  // producer is the bottleneck while this grows.
+  // The wait in progress counts too: a producer far too slow would
+  // otherwise show nothing until its first chunk is done. Approximate under
+  // races (a wait may be counted twice for an instant), which is fine for a
+  // heuristic.
+  double wait_seconds() const {
+    int64_t ns = wait_ns_.load(std::memory_order_relaxed);
+    int64_t since = waiting_since_.load(std::memory_order_relaxed);
+    if (since) ns += std::max<int64_t>(0, now_ns() - since);
+    return double(ns) * 1e-9;
   }
 
   // Something failed: wake everybody, drop what is queued.
@@ -74,6 +95,11 @@ class BoundedQueue {
   size_t capacity_;
   bool closed_ = false;
   bool aborted_ = false;
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  std::atomic<int64_t> wait_ns_{0}, waiting_since_{0};
 };
 
 }  // namespace hubfast

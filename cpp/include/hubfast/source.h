@@ -24,6 +24,13 @@ class Source {
   virtual std::string describe() const = 0;
   // Counters for stats (retries, connections, ...); names -> values.
   virtual void add_stats(std::function<void(const char*, double)> put) const {}
+  // How long the consumer of the emitted bytes has waited for them (seconds,
+  // cumulative), set by the pipeline for the duration of run(): a source that
+  // can open more connections does so only while this grows.
+  void set_consumer_wait(std::function<double()> f) { consumer_wait_ = std::move(f); }
+
+ protected:
+  std::function<double()> consumer_wait_;
 };
 
 std::unique_ptr<Source> make_file_source(const std::string& path);

@@ -1084,14 +1084,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             flip_at = fault.flip_at - start  # body coordinates
 
         if (
-            throttle is None
-            and drop_at is None
+            drop_at is None
             and stall_at is None
             and flip_at is None
             and obj.file is not None
             and not isinstance(self.connection, ssl.SSLSocket)
         ):
-            self._sendfile(path, obj.file, start, length)
+            # A capped connection too: sendfile() per slice costs the server a fraction of
+            # reading and sending each slice from Python, CPU that the client under test
+            # shares on this machine (a real server's is elsewhere).
+            self._sendfile(path, obj.file, start, length, throttle)
             return
 
         piece = _Throttle.slice_for(throttle.rate) if throttle is not None else _CHUNK
@@ -1144,15 +1146,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             hub._count_body(path, sent - len(mv))
             raise
 
-    def _sendfile(self, path: str, filename: str, start: int, length: int) -> None:
+    def _sendfile(self, path: str, filename: str, start: int, length: int,
+                  throttle: Optional[_Throttle] = None) -> None:
         hub = self.server.hub
+        # Under a cap: 20 ms of the rate per call, at least the slice of the read path.
+        piece = (max(_Throttle.slice_for(throttle.rate), int(min(throttle.rate / 50, 1 << 20)))
+                 if throttle is not None else _SENDFILE_PIECE)
         with open(filename, "rb") as f:
             offset = start
             remaining = length
             while remaining > 0:
                 if hub._stop_event.is_set():
                     raise _Abort()
-                count = min(_SENDFILE_PIECE, remaining)
+                count = min(piece, remaining)
+                if throttle is not None:
+                    throttle.consume(count, hub._stop_event)
                 hub._count_body(path, count)  # counted ahead, corrected below (see _write)
                 try:
                     done = self.connection.sendfile(f, offset, count)
