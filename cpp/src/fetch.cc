@@ -452,8 +452,14 @@ class Parallel {
     return error_;
   }
 
+  // Each connection may run two segments ahead of the consumer: on a link
+  // faster than the decoder, more buffered segments only cost memory (the
+  // whole 128 MiB ring on two connections otherwise).
   void add_workers(int n) {
     for (int i = 0; i < n; ++i) threads_.emplace_back([this] { worker(); });
+    std::lock_guard<std::mutex> lk(mu_);
+    ahead_ = std::min<uint64_t>(window_, 2 * (threads_.size() + 1));
+    work_cv_.notify_all();
   }
 
   // Connections grow with need: the consumer (decoder and writer behind it)
@@ -526,6 +532,7 @@ class Parallel {
       }
       std::lock_guard<std::mutex> lk(mu_);
       head_ = i + 1;
+      if (s.buf) spare_.push_back(std::move(s.buf));  // buffers are reused, not one per slot
       work_cv_.notify_all();
     }
   }
@@ -559,13 +566,17 @@ class Parallel {
         {
           std::unique_lock<std::mutex> lk(mu_);
           work_cv_.wait(lk, [&] {
-            return stopping_ || error_ || next_ >= nseg_ || next_ < head_ + window_;
+            return stopping_ || error_ || next_ >= nseg_ || next_ < head_ + ahead_;
           });
           if (stopping_ || error_ || next_ >= nseg_) return;
           i = next_++;
           s = &slots_[i % window_];
           s->owner = int64_t(i);
           s->filled = 0;
+          if (!s->buf && !spare_.empty()) {
+            s->buf = std::move(spare_.back());
+            spare_.pop_back();
+          }
         }
         if (!s->buf) s->buf = std::make_unique<uint8_t[]>(seg_);
         RangeTask t;
@@ -607,10 +618,12 @@ class Parallel {
   const size_t window_;
   HaltFn halted_;
   std::vector<Slot> slots_;
+  std::vector<std::unique_ptr<uint8_t[]>> spare_;  // consumed segments' buffers (guarded by mu_)
   std::mutex mu_;
   std::condition_variable work_cv_, data_cv_;
   uint64_t head_ = 0;  // segment being emitted (guarded by mu_)
   uint64_t next_ = 1;  // next segment to claim; 0 is the first stream's
+  uint64_t ahead_ = 2;  // segments claimable beyond head_ (<= window_)
   int64_t waiting_ = -1;  // segment the consumer waits for, and for how much of it
   uint64_t wanted_ = 0;
   std::chrono::nanoseconds waited() const {
