@@ -1,9 +1,12 @@
 """Cold resolve() over loopback HTTP: hubfast next to tensorflow_hub's hub.resolve, the shell
 pipeline `curl | igzip -dc | tar -x`, the transfer floor `curl -o /dev/null`, and hubfast
 extracting the same archive from a local file; then, with a per-connection bandwidth cap
-(50 MB/s), hubfast on one connection against its default parallel ranged connections.
+(50 MB/s), hubfast on one connection against its default parallel ranged connections;
+at 1 GiB and up also the multi-frame .tar.zst over HTTP against `zstd -dc`; and the peak RSS
+of a process resolving a 2 GiB model.
 
-    python bench/bench_fetch.py [--sizes 256,1024] [--runs 3] [--cap-size 256] [--cap 50e6]
+    python bench/bench_fetch.py [--sizes 256,1024] [--runs 3] [--cap-size 256,1024] [--cap 50e6]
+                                [--rss-size 2048] [--cap-only]
     python bench/bench_fetch.py --quick     (64 MiB, 1 run; the capped part on 128 MiB)
 
 Every resolve runs in a fresh subprocess on a fresh TFHUB_CACHE_DIR, and is timed inside
@@ -13,7 +16,8 @@ The server (hubfast.testing.server, in this process) streams the archive from th
 with ETag, Accept-Ranges and x-goog-hash (crc32c, md5) like GCS.
 
 Targets: the transfer adds <= 15% to local extraction; >= 2.3x faster than tensorflow_hub at
-1 GiB .tar.gz; under the cap, >= 6x the single-connection rate.
+1 GiB .tar.gz; .tar.zst >= 6x tensorflow_hub's .tar.gz and faster than `zstd -dc`; under the
+cap, >= 6x the single-connection rate; peak RSS at 2 GiB < 256 MiB above the baseline.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import common
 
@@ -40,10 +44,11 @@ t = time.perf_counter()
 hubfast.resolve(sys.argv[1])
 dt = time.perf_counter() - t
 r1 = resource.getrusage(resource.RUSAGE_SELF)
+rss = (r1.ru_maxrss - r0.ru_maxrss) / 1024  # peak growth over the interpreter + hubfast, MiB
 st = hubfast.last_stats()
 assert not st.get("cached", True), st
 cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "source": st.get("source", {}),
+print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "rss_growth_mib": rss, "source": st.get("source", {}),
                   "bytes_out": st.get("bytes_out")}))
 """
 
@@ -89,6 +94,8 @@ def measure_child(run: Callable[[], Dict], runs: int) -> Dict:
     r = _summary([o["seconds"] for o in outs])
     if all("cpu_seconds" in o for o in outs):
         r["cpu_seconds"] = statistics.median(o["cpu_seconds"] for o in outs)
+    if all("rss_growth_mib" in o for o in outs):
+        r["rss_growth_mib"] = max(o["rss_growth_mib"] for o in outs)
     src = outs[-1].get("source")
     if src:
         r["source"] = {k: src[k] for k in ("connections", "segments", "resumes", "retries",
@@ -127,6 +134,11 @@ T_PAR = "hubfast default connections (8)"
 T_CURL_CAP = "curl -o /dev/null (one connection)"
 T_CURL_PAR = "8 x curl -r (ranges) -o /dev/null"
 T_LOCAL_CAP = "hubfast resolve (local file, no network)"
+T_ZST = "hubfast resolve .tar.zst (HTTP)"
+T_ZST_LOCAL = "hubfast resolve (local .tar.zst file)"
+T_ZST_PIPE = "curl | zstd -dc | tar -x"
+T_ZSTD_DC = "zstd -dc > /dev/null (local file)"
+HANDLE_ZST = "/bench/zst/model.tar.zst"  # a direct archive URL, as a mirror would serve it
 
 
 def md_rows(rows: List[Dict]) -> List[Dict]:
@@ -138,7 +150,7 @@ def md(name: str) -> str:
     return name.replace("|", "\\|")
 
 
-def uncapped(srv, gz: Path, size: int, runs: int, tfhub: bool) -> List[Dict]:
+def uncapped(srv, gz: Path, size: int, runs: int, tfhub: bool, zst: Optional[Path] = None) -> List[Dict]:
     url = srv.url_for(HANDLE)
     archive_url = srv.url_for(HANDLE, "tf-hub-format=compressed")
     pipe_dir = common.WORK / "scratch" / "pipe"
@@ -148,6 +160,14 @@ def uncapped(srv, gz: Path, size: int, runs: int, tfhub: bool) -> List[Dict]:
         (T_PIPE, lambda: shell(f"curl -sf '{archive_url}' | igzip -dc | tar -x -C {pipe_dir}", runs)),
         (T_CURL, lambda: shell(f"curl -sf -o /dev/null '{archive_url}'", runs)),
     ]
+    if zst is not None:
+        zst_url = srv.url_for(HANDLE_ZST)
+        tools += [
+            (T_ZST, lambda: measure_child(child(HUBFAST_CHILD, zst_url), runs)),
+            (T_ZST_LOCAL, lambda: measure_child(child(HUBFAST_CHILD, str(zst)), runs)),
+            (T_ZST_PIPE, lambda: shell(f"curl -sf '{zst_url}' | zstd -qdc | tar -x -C {pipe_dir}", runs)),
+            (T_ZSTD_DC, lambda: shell(f"zstd -qdc {zst} > /dev/null", runs)),
+        ]
     if tfhub:
         tools.append((T_TFHUB, lambda: measure_child(child(TFHUB_CHILD, url), runs)))
     rows = []
@@ -181,12 +201,15 @@ def capped(srv, gz: Path, size: int, runs: int, cap: float) -> List[Dict]:
     return rows
 
 
-def serve(gz: Path, bandwidth: Optional[float] = None):
+def serve(gz: Path, bandwidth: Optional[float] = None, zst: Optional[Path] = None):
     from hubfast.testing.server import TFHubServer
 
     srv = TFHubServer(bandwidth=bandwidth)
     srv.add_archive(HANDLE, str(gz), goog_hash="both")
     srv.precompute_digests(HANDLE)  # not in any timed section
+    if zst is not None:
+        srv.add_archive(HANDLE_ZST, str(zst), goog_hash="both")
+        srv.precompute_digests(HANDLE_ZST)
     return srv.start()
 
 
@@ -213,8 +236,44 @@ def report_uncapped(rows: List[Dict], size: int, gz: Path, runs: int) -> str:
     if src:
         lines.append(f"- hubfast's fetch: {int(src.get('connections', 0))} connection(s), "
                      f"{int(src.get('segments', 0))} segments, crc32c checked: "
-                     f"{bool(src.get('goog_hash_crc32c'))}")
+                     f"{bool(src.get('goog_hash_crc32c'))}; peak RSS growth "
+                     f"{t[T_HUBFAST].get('rss_growth_mib', 0):.0f} MiB")
+    if T_ZST in t:
+        z = t[T_ZST]["median"]
+        line = f"- multi-frame .tar.zst over HTTP: {z:.2f} s"
+        if T_TFHUB in t:
+            x = t[T_TFHUB]["median"] / z
+            line += f", {x:.2f}x faster than tensorflow_hub's .tar.gz"
+            if size >= 1024:
+                line += f" (target >= 6x: {verdict(x >= 6)})"
+        fl = t[T_ZSTD_DC]["median"]
+        line += (f"; `zstd -dc > /dev/null` of the same file {fl:.2f} s "
+                 f"(target: faster than it: {verdict(z < fl)}); from the local file {t[T_ZST_LOCAL]['median']:.2f} s")
+        lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def rss_part(size: int, runs: int) -> Tuple[List[Dict], str]:
+    """Peak RSS of a process resolving a large model over HTTP (target: < 256 MiB above its
+    baseline, the interpreter with hubfast imported), .tar.gz and .tar.zst."""
+    gz, zst = common.archive(size, "gz"), common.archive(size, "zst")
+    srv = serve(gz, zst=zst)
+    rows = []
+    try:
+        for name, url in ((T_HUBFAST, srv.url_for(HANDLE)), (T_ZST, srv.url_for(HANDLE_ZST))):
+            r = dict(measure_child(child(HUBFAST_CHILD, url), runs), tool=name, size_mib=size,
+                     part="rss")
+            rows.append(r)
+            show(size, name, r)
+            print(f"      peak RSS growth {r['rss_growth_mib']:.0f} MiB", flush=True)
+    finally:
+        srv.close()
+    worst = max(r["rss_growth_mib"] for r in rows)
+    text = (f"### Peak RSS resolving a {size} MiB model over HTTP ({runs} runs each)\n\n"
+            + "\n".join(f"- {r['tool']}: {r['median']:.2f} s, peak RSS growth {r['rss_growth_mib']:.0f} MiB "
+                         f"(largest of the runs)" for r in rows)
+            + f"\n- target < 256 MiB above the baseline: {verdict(worst < 256)}\n")
+    return rows, text
 
 
 def report_capped(rows: List[Dict], size: int, gz: Path, cap: float) -> str:
@@ -245,42 +304,54 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="256,1024")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--cap-size", type=int, default=256, help="model size (MiB) for the capped part")
+    ap.add_argument("--cap-size", default="256", help="model sizes (MiB) for the capped part, e.g. 256,1024")
     ap.add_argument("--cap", type=float, default=50e6, help="bytes/s per connection")
     ap.add_argument("--no-tfhub", action="store_true", help="skip tensorflow_hub (slow)")
+    ap.add_argument("--rss-size", type=int, default=2048, help="model size (MiB) for peak RSS (0: skip)")
+    ap.add_argument("--cap-only", action="store_true", help="only the capped part")
     ap.add_argument("--quick", action="store_true", help="64 MiB, 1 run (capped part: 128 MiB)")
     args = ap.parse_args()
     if args.quick:
         # 128 MiB for the capped part: 64 MiB of model makes a .tar.gz just below the 64 MiB
         # threshold of parallel ranged connections.
-        sizes, runs, cap_size = [64], 1, 128
+        sizes, runs, cap_sizes, rss_size = [64], 1, [128], 0
     else:
-        sizes, runs, cap_size = [int(s) for s in args.sizes.split(",")], args.runs, args.cap_size
+        sizes, runs = [int(s) for s in args.sizes.split(",")], args.runs
+        cap_sizes = [int(s) for s in str(args.cap_size).split(",")]
+        rss_size = args.rss_size
+    if args.cap_only:
+        sizes, rss_size = [], 0
 
     m0 = common.machine()
     report = []
     all_rows: List[Dict] = []
     for size in sizes:
         gz = common.archive(size, "gz")
+        zst = common.archive(size, "zst") if size >= 1024 else None
         common.drop_page_cache_of(gz)
-        srv = serve(gz)
+        srv = serve(gz, zst=zst)
         try:
-            rows = uncapped(srv, gz, size, runs, tfhub=not args.no_tfhub)
+            rows = uncapped(srv, gz, size, runs, tfhub=not args.no_tfhub, zst=zst)
         finally:
             srv.close()
         common.record("fetch", rows)
         all_rows += rows
         report.append(report_uncapped(rows, size, gz, runs))
 
-    gz = common.archive(cap_size, "gz")
-    common.drop_page_cache_of(gz)
-    srv = serve(gz, bandwidth=args.cap)
-    try:
-        rows = capped(srv, gz, cap_size, runs, args.cap)
-    finally:
-        srv.close()
-    common.record("fetch", rows)
-    report.append(report_capped(rows, cap_size, gz, args.cap))
+    for csize in cap_sizes:
+        gz = common.archive(csize, "gz")
+        common.drop_page_cache_of(gz)
+        srv = serve(gz, bandwidth=args.cap)
+        try:
+            rows = capped(srv, gz, csize, runs, args.cap)
+        finally:
+            srv.close()
+        common.record("fetch", rows)
+        report.append(report_capped(rows, csize, gz, args.cap))
+    if rss_size:
+        rows, text = rss_part(rss_size, runs)
+        common.record("fetch", rows)
+        report.append(text)
 
     m = common.machine()
     text = (f"## Cold resolve over loopback HTTP ({m['time']}, {m['cores']} cores, load "

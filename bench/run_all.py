@@ -65,7 +65,7 @@ def main() -> None:
     q = ["--quick"] if args.quick else ["--runs", args.runs]
     part("bench_extract.py", *(q if args.quick else q + ["--sizes", "1024,2048"]))
     if (HERE / "bench_fetch.py").exists():
-        part("bench_fetch.py", *(q if args.quick else q + ["--sizes", "256,1024"]))
+        part("bench_fetch.py", *(q if args.quick else q + ["--sizes", "256,1024", "--cap-size", "256,1024"]))
     part("bench_coldstart.py", *(q if args.quick else q + ["--sizes", "256,1024"]))
     part("bench_processes.py", *(q if args.quick else q + ["--size", "1024"]))
     if not args.quick:  # 1 GiB only: the gate is defined on it (about 2 minutes)
