@@ -238,14 +238,25 @@ class ParallelGzip : public Decoder {
     if (mode_ == Mode::kSequential) return seq_->feed(in, n, out);
     while (n > 0) {
       if (!open_) {
-        open_ = std::make_shared<Segment>();
+        // A segment's buffer goes back to the pool when its last reader lets
+        // go of it: the deleter runs after the final reference count
+        // decrement, so every read of the buffer happens before its reuse
+        // (use_count() in trim_locked() gave no such order: a TSan report).
+        auto pool = seg_pool_;
+        open_ = std::shared_ptr<Segment>(new Segment, [pool](Segment* seg) {
+          {
+            std::lock_guard<std::mutex> lk(pool->mu);
+            if (pool->free.size() < 4) pool->free.push_back(std::move(seg->data));
+          }
+          delete seg;
+        });
         open_->index = open_index_;
         open_->base = open_index_ * C_;
         {
-          std::lock_guard<std::mutex> lk(mu_);
-          if (!seg_pool_.empty()) {
-            open_->data = std::move(seg_pool_.back());
-            seg_pool_.pop_back();
+          std::lock_guard<std::mutex> lk(pool->mu);
+          if (!pool->free.empty()) {
+            open_->data = std::move(pool->free.back());
+            pool->free.pop_back();
             open_->data.clear();
           }
         }
@@ -372,11 +383,7 @@ class ParallelGzip : public Decoder {
     for (auto& kv : jobs_)
       if (!kv.second->done) floor = std::min<uint64_t>(floor, kv.second->min_seg.load());
     while (seg_first_ < floor && !segs_.empty()) {
-      // Nobody else holds it (all copies are taken under mu_): reuse its
-      // buffer for the next segment instead of faulting in fresh pages.
-      if (segs_.front().use_count() == 1 && seg_pool_.size() < 4)
-        seg_pool_.push_back(std::move(const_cast<Segment&>(*segs_.front()).data));
-      segs_.pop_front();
+      segs_.pop_front();  // its buffer is reused once no job holds it (see feed())
       ++seg_first_;
     }
     while (!slots_.empty() && slots_.begin()->first < floor) slots_.erase(slots_.begin());
@@ -621,7 +628,13 @@ class ParallelGzip : public Decoder {
   uint64_t next_job_ = 0;
   std::shared_ptr<Job> cur_;
   std::vector<std::vector<uint8_t>> pool_;      // output piece buffers
-  std::vector<std::vector<uint8_t>> seg_pool_;  // segment buffers
+  // Buffers of segments nobody reads any more, reused instead of faulting in
+  // fresh pages; shared with the segments' deleters, which may outlive us.
+  struct SegPool {
+    std::mutex mu;
+    std::vector<std::vector<uint8_t>> free;
+  };
+  std::shared_ptr<SegPool> seg_pool_ = std::make_shared<SegPool>();
   Stats stats_;
 
   std::vector<std::thread> workers_;
