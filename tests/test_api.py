@@ -226,3 +226,30 @@ def test_prefetch_threads_run_at_background_priority(tmp_path):
     assert len(out["new"]) >= 3, out  # prefetch thread + native pipeline threads
     assert all(n == min(19, out["base"] + 10) for n in out["new"]), out
     assert all(n == off["base"] for n in off["new"]) and len(off["new"]) >= 3, off
+
+
+def test_load_restores_the_cycle_collector_as_it_found_it(served, tmp_path):
+    """load() pauses Python's gc while TensorFlow reads the SavedModel: afterwards it is on
+    again if it was on, stays off if the program had turned it off, and is back on after a
+    load that failed."""
+    out = run_py(f"""
+        import gc, json
+        import tensorflow as tf
+        import hubfast as hub
+        url = {served.url_for('/test/mul/1')!r}
+        hub.load(url)
+        on_after_load = gc.isenabled()
+        gc.disable()
+        hub.load(url)
+        off_kept = not gc.isenabled()
+        gc.enable()
+        try:
+            hub.load(url, tags=["no-such-tag"])
+            failed = False
+        except Exception:
+            failed = True
+        print(json.dumps({{"on_after_load": on_after_load, "off_kept": off_kept,
+                           "failed": failed, "on_after_failure": gc.isenabled()}}))
+    """, tmp_path)
+    assert out == {"on_after_load": True, "off_kept": True, "failed": True,
+                   "on_after_failure": True}
