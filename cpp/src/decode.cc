@@ -449,6 +449,10 @@ int usable_cores() {
 
 }  // namespace
 
+void Decoder::feed_at(uint64_t, const uint8_t*, size_t, const OutFn&) {
+  throw Error(ErrorKind::kInvalid, "this decoder takes its input in order only");
+}
+
 std::unique_ptr<Decoder> make_decoder(Compression c, const DecodeOptions& opt) {
   const int threads = opt.threads > 0 ? opt.threads : usable_cores();
   switch (c) {

@@ -30,6 +30,20 @@ class Decoder {
   virtual uint64_t units() const { return 0; }
   // Threads that decoded in parallel (1: one stream), once finished.
   virtual int parallelism() const { return 1; }
+
+  // Input out of order (the segments of parallel ranged requests, as they
+  // arrive). A decoder whose takes_offsets() is true accepts feed_at()
+  // instead of feed() for a whole stream: every byte of the stream is given
+  // exactly once, in pieces of any size at any offset and in any order (the
+  // pieces of one range in increasing order), then finish(). Output still
+  // comes out in order, through `out` on the calling thread. feed_at()
+  // never waits for input that has not been given yet (the caller feeds from
+  // one thread); it may wait for decoding of what it holds. The caller
+  // bounds how far ahead of the decoder's position it feeds (input_floor()).
+  virtual bool takes_offsets() const { return false; }
+  virtual void feed_at(uint64_t offset, const uint8_t* in, size_t n, const OutFn& out);
+  // Compressed bytes below this offset have been consumed and released.
+  virtual uint64_t input_floor() const { return 0; }
 };
 
 struct DecodeOptions {
