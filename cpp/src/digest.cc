@@ -48,6 +48,40 @@ std::string to_hex(const std::string& raw) {
   return s;
 }
 
+namespace {
+// Polynomials over GF(2) in CRC32C's reflected order (bit 31 is x^0).
+constexpr uint32_t kCrc32cPoly = 0x82F63B78u;
+
+uint32_t gf2_mul_mod(uint32_t a, uint32_t b) {  // a * b mod P
+  uint32_t m = 1u << 31, p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if ((a & (m - 1)) == 0) break;
+    }
+    m >>= 1;
+    b = (b & 1) ? (b >> 1) ^ kCrc32cPoly : b >> 1;
+  }
+  return p;
+}
+
+uint32_t x_pow_8n_mod(uint64_t n) {  // x^(8n) mod P, by squaring
+  uint32_t result = 1u << 31;  // x^0
+  uint32_t sq = 1u << 23;      // x^8
+  while (n) {
+    if (n & 1) result = gf2_mul_mod(result, sq);
+    sq = gf2_mul_mod(sq, sq);
+    n >>= 1;
+  }
+  return result;
+}
+}  // namespace
+
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
+  // crc(A||B) = crc(A) * x^(8 len B) + crc(B) (the pre/post inversions cancel).
+  return gf2_mul_mod(x_pow_8n_mod(len_b), crc_a) ^ crc_b;
+}
+
 uint32_t crc32c_update(uint32_t crc, const void* data, size_t n) {
 #ifdef HUBFAST_HAVE_ISAL
   // ISA-L's iSCSI CRC is CRC32C with the init/xor convention inverted.

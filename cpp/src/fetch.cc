@@ -17,7 +17,10 @@
 //    (one easy handle each, connections reused) fetch segments 1.. with
 //    `Range` + `If-Range` into a ring of at most `window` segment buffers
 //    (window * segment <= 128 MiB). The caller's thread then emits the
-//    segments in order, streaming the head segment while it still arrives.
+//    segments in order, streaming the head segment while it still arrives;
+//    or, when the consumer takes offsets (the parallel gzip decoder), every
+//    segment's bytes as they arrive, claims bounded above the consumer's
+//    release point rather than the oldest segment.
 //  * Every range (the single stream, segment 0, each segment) is fetched by
 //    fetch_range(): transient failures (connection errors, timeouts, 408,
 //    429, 5xx) are retried with jittered exponential backoff honouring
@@ -27,7 +30,8 @@
 //    (unless its strong ETag is unchanged: then the server merely ignored
 //    Range and the prefix is skipped).
 //  * The caller's thread checks the total length and x-goog-hash (crc32c,
-//    or md5 when no crc32c is offered) over the bytes in emit order.
+//    or md5 when no crc32c is offered) over the bytes in emit order (out of
+//    order: crc32c per segment, combined; md5 keeps the order).
 //  * Stalls: libcurl's LOW_SPEED_LIMIT/TIME is set, but it averages over ~5 s
 //    and fires seconds late, so the progress callback also checks the rate
 //    over the last low_speed_time seconds (from the end of connect, and not
@@ -353,7 +357,8 @@ class HttpSource : public Source {
   // followed; bytes_received: body bytes off the wire, re-sent and skipped
   // ones included; segments: ranged segments in a parallel download (0 for
   // one stream); goog_hash_crc32c / goog_hash_md5: 1 when that x-goog-hash
-  // digest was checked and matched.
+  // digest was checked and matched; out_of_order: 1 when segments went to
+  // the decoder as they arrived rather than in order.
   void add_stats(std::function<void(const char*, double)> put) const override {
     put("http_requests", double(st_requests_.load()));
     put("retries", double(st_retries_.load()));
@@ -364,6 +369,7 @@ class HttpSource : public Source {
     put("segments", double(st_segments_.load()));
     put("goog_hash_crc32c", st_crc32c_.load() ? 1.0 : 0.0);
     put("goog_hash_md5", st_md5_.load() ? 1.0 : 0.0);
+    put("out_of_order", st_any_order_.load() ? 1.0 : 0.0);
   }
 
   // --- used by the callbacks and by Parallel ---------------------------------
@@ -423,7 +429,7 @@ class HttpSource : public Source {
   std::atomic<int> active_{0};
   std::atomic<uint64_t> st_requests_{0}, st_retries_{0}, st_resumes_{0}, st_redirects_{0}, st_bytes_{0};
   std::atomic<int> st_connections_{0};
-  std::atomic<bool> st_crc32c_{false}, st_md5_{false};
+  std::atomic<bool> st_crc32c_{false}, st_md5_{false}, st_any_order_{false};
 
   friend class Parallel;
 };
@@ -446,19 +452,22 @@ class Parallel {
   Parallel& operator=(const Parallel&) = delete;
 
   uint64_t segment_end(uint64_t i) const { return std::min(total_, (i + 1) * seg_); }
+  uint64_t segment_bytes() const { return seg_; }
   bool failed() const { return failed_.load(std::memory_order_relaxed); }
   std::exception_ptr error() {
     std::lock_guard<std::mutex> lk(mu_);
     return error_;
   }
 
-  // Each connection may run two segments ahead of the consumer: on a link
-  // faster than the decoder, more buffered segments only cost memory (the
-  // whole 128 MiB ring on two connections otherwise).
+  // Segments claimable beyond the one being consumed: one per connection and
+  // one spare, so that a connection whose segment completes before the head
+  // goes on. On a link faster than the decoder, more buffered segments only
+  // cost memory (the whole 128 MiB ring otherwise; two per connection held
+  // ~50 MiB more at 2 GiB .tar.zst, where the decoder's frames need it).
   void add_workers(int n) {
     for (int i = 0; i < n; ++i) threads_.emplace_back([this] { worker(); });
     std::lock_guard<std::mutex> lk(mu_);
-    ahead_ = std::min<uint64_t>(window_, 2 * (threads_.size() + 1));
+    ahead_ = std::min<uint64_t>(window_, threads_.size() + 2);
     work_cv_.notify_all();
   }
 
@@ -537,6 +546,77 @@ class Parallel {
     }
   }
 
+  // Emits segments 1.. as their bytes arrive, in any order (each segment's
+  // in order), through `emit_at`: a decoder that takes offsets works on every
+  // segment that has arrived instead of waiting on the oldest. `floor` is the
+  // consumer's release point: claims stay within the window above it, as the
+  // emitted bytes are held there until decoded. Returns the CRC32C of each
+  // segment (for the whole-object check).
+  std::vector<uint32_t> consume_any(const std::function<void(uint64_t, const uint8_t*, size_t)>& emit_at,
+                                    std::function<uint64_t()> floor) {
+    std::vector<uint32_t> crcs(nseg_, 0);
+    struct Ready {
+      uint64_t seg, from, to;
+    };
+    std::vector<Ready> ready;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      floor_ = std::move(floor);
+      head_ = 1;
+      work_cv_.notify_all();
+    }
+    for (;;) {
+      ready.clear();
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        if (head_ >= nseg_) break;
+        for (;;) {
+          if (error_) std::rethrow_exception(error_);
+          for (uint64_t i = head_; i < next_; ++i) {
+            Slot& s = slots_[i % window_];
+            if (s.owner == int64_t(i) && s.filled > s.emitted) ready.push_back({i, s.emitted, s.filled});
+          }
+          if (!ready.empty()) break;
+          if (cancel_.cancelled()) throw Error(ErrorKind::kCancelled, "download cancelled: " + src_.url_);
+          any_waiting_ = true;
+          auto w0 = Clock::now();
+          data_cv_.wait_for(lk, kGrowAfter);
+          own_wait_ += Clock::now() - w0;
+          any_waiting_ = false;
+          work_cv_.notify_all();  // the floor may have moved
+          lk.unlock();
+          grow_if_starved();
+          lk.lock();
+        }
+      }
+      for (const Ready& r : ready) {
+        const uint8_t* buf = slots_[r.seg % window_].buf.get();  // stays while the segment is unfinished
+        for (uint64_t done = r.from; done < r.to;) {
+          cancel_.throw_if_cancelled();
+          size_t n = size_t(std::min<uint64_t>(r.to - done, kEmitSlice));
+          if (src_.meta_.hash_usable) crcs[r.seg] = crc32c_update(crcs[r.seg], buf + done, n);
+          emit_at(r.seg * seg_ + done, buf + done, n);
+          done += n;
+        }
+        std::lock_guard<std::mutex> lk(mu_);
+        Slot& s = slots_[r.seg % window_];
+        s.emitted = r.to;
+        if (r.to == segment_end(r.seg) - r.seg * seg_) {
+          s.finished = true;
+          if (s.buf) spare_.push_back(std::move(s.buf));
+          while (head_ < nseg_ && head_ < next_ && slots_[head_ % window_].owner == int64_t(head_) &&
+                 slots_[head_ % window_].finished)
+            ++head_;
+          work_cv_.notify_all();
+        }
+      }
+      grow_if_starved();
+    }
+    std::lock_guard<std::mutex> lk(mu_);
+    floor_ = nullptr;
+    return crcs;
+  }
+
   void stop() {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -555,7 +635,19 @@ class Parallel {
     std::unique_ptr<uint8_t[]> buf;
     int64_t owner = -1;   // segment held
     uint64_t filled = 0;  // bytes of it received (guarded by mu_)
+    uint64_t emitted = 0;  // consume_any(): bytes of it emitted
+    bool finished = false;  // consume_any(): all of it emitted
   };
+
+  // A segment may be claimed: within the ring above the head and, when the
+  // consumer holds what it was given until it decodes it, within the ring
+  // above its release point too.
+  bool claimable_locked() const {
+    if (next_ >= head_ + ahead_) return false;
+    if (!floor_) return true;
+    uint64_t f = floor_();
+    return f == UINT64_MAX || next_ * seg_ < f + (ahead_ + 1) * seg_;
+  }
 
   void worker() {
     try {
@@ -565,14 +657,15 @@ class Parallel {
         Slot* s;
         {
           std::unique_lock<std::mutex> lk(mu_);
-          work_cv_.wait(lk, [&] {
-            return stopping_ || error_ || next_ >= nseg_ || next_ < head_ + ahead_;
-          });
+          // Timed: the consumer's release point moves without a notify.
+          while (!(stopping_ || error_ || next_ >= nseg_ || claimable_locked())) work_cv_.wait_for(lk, kGrowAfter);
           if (stopping_ || error_ || next_ >= nseg_) return;
           i = next_++;
           s = &slots_[i % window_];
           s->owner = int64_t(i);
           s->filled = 0;
+          s->emitted = 0;
+          s->finished = false;
           if (!s->buf && !spare_.empty()) {
             s->buf = std::move(spare_.back());
             spare_.pop_back();
@@ -584,11 +677,14 @@ class Parallel {
         t.end = segment_end(i);
         const uint64_t base = t.pos;
         uint8_t* buf = s->buf.get();
-        t.sink = [&, base, buf, i](uint64_t off, const uint8_t* p, size_t n) {
+        const uint64_t len = t.end - t.pos;
+        t.sink = [&, base, buf, i, len](uint64_t off, const uint8_t* p, size_t n) {
           std::memcpy(buf + (off - base), p, n);
           std::lock_guard<std::mutex> lk(mu_);
           s->filled = off - base + n;
-          if (waiting_ == int64_t(i) && s->filled >= wanted_) data_cv_.notify_all();
+          if ((waiting_ == int64_t(i) && s->filled >= wanted_) ||
+              (any_waiting_ && (s->filled - s->emitted >= kWakeBytes || s->filled == len)))
+            data_cv_.notify_all();
         };
         src_.st_segments_.fetch_add(1);
         src_.note_active(1);
@@ -626,6 +722,8 @@ class Parallel {
   uint64_t ahead_ = 2;  // segments claimable beyond head_ (<= window_)
   int64_t waiting_ = -1;  // segment the consumer waits for, and for how much of it
   uint64_t wanted_ = 0;
+  bool any_waiting_ = false;  // consume_any() waits for any segment
+  std::function<uint64_t()> floor_;  // consume_any(): the consumer's release point
   std::chrono::nanoseconds waited() const {
     if (probe_) return std::chrono::nanoseconds(int64_t(probe_() * 1e9));
     return own_wait_;
@@ -1276,7 +1374,21 @@ void HttpSource::run(const EmitFn& emit, const CancelToken& cancel) {
     conn = Conn();  // its connection was cut mid-body; free it
     if (!opt_.adaptive_connections) par_->add_workers(1);
     par_->allow_workers(opt_.connections);
-    par_->consume([this](const uint8_t* p, size_t n) { sink_direct(p, n); });
+    // Out of order when the consumer takes it; an md5 cannot be combined
+    // from ranges (crc32c can), so it keeps the order.
+    if (offset_sink_ && !md5_ && offset_sink_->accept()) {
+      auto crcs = par_->consume_any(
+          [this](uint64_t off, const uint8_t* p, size_t n) {
+            emitted_ += n;
+            offset_sink_->emit_at(off, p, n);
+          },
+          offset_sink_->floor);
+      for (uint64_t i = 1; i < crcs.size(); ++i)
+        crc_ = crc32c_combine(crc_, crcs[i], par_->segment_end(i) - i * par_->segment_bytes());
+      st_any_order_.store(true);
+    } else {
+      par_->consume([this](const uint8_t* p, size_t n) { sink_direct(p, n); });
+    }
     par_->stop();
   }
   cancel.throw_if_cancelled();

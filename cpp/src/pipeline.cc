@@ -48,6 +48,75 @@ class Chunker {
   Bytes buf_;
 };
 
+// Compressed bytes and where they sit in the stream (sources that fetch
+// ranges in parallel may deliver them out of order).
+struct InChunk {
+  uint64_t offset = 0;
+  Bytes bytes;
+};
+
+// Chunker for the compressed side: contiguous bytes are gathered into one
+// chunk; a piece at another offset starts a new one.
+class InChunker {
+ public:
+  InChunker(BoundedQueue<InChunk>& q, size_t chunk) : q_(q), chunk_(chunk) {}
+  void put(const uint8_t* p, size_t n) { put_at(next_, p, n); }
+  void put_at(uint64_t off, const uint8_t* p, size_t n) {
+    if (off != buf_.offset + buf_.bytes.size()) {
+      flush();
+      buf_.offset = off;
+    }
+    while (n > 0) {
+      if (buf_.bytes.capacity() < chunk_) buf_.bytes.reserve(chunk_);
+      size_t take = std::min(n, chunk_ - buf_.bytes.size());
+      buf_.bytes.insert(buf_.bytes.end(), p, p + take);
+      p += take;
+      n -= take;
+      if (buf_.bytes.size() == chunk_) flush();
+    }
+    next_ = std::max(next_, buf_.offset + buf_.bytes.size());
+  }
+  void flush() {
+    if (buf_.bytes.empty()) return;
+    uint64_t end = buf_.offset + buf_.bytes.size();
+    if (!q_.push(std::move(buf_))) throw Error(ErrorKind::kCancelled, "pipeline stopped");
+    buf_ = InChunk();
+    buf_.offset = end;
+  }
+
+ private:
+  BoundedQueue<InChunk>& q_;
+  size_t chunk_;
+  InChunk buf_;
+  uint64_t next_ = 0;
+};
+
+// The decoder thread's answer to "may the source deliver out of order?",
+// given once it has seen the first bytes and made its decoder.
+class Decision {
+ public:
+  void set(bool offsets) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (decided_) return;
+    decided_ = true;
+    offsets_ = offsets;
+    cv_.notify_all();
+  }
+  bool wait(const CancelToken& cancel) {
+    std::unique_lock<std::mutex> lk(mu_);
+    while (!decided_) {
+      cv_.wait_for(lk, std::chrono::milliseconds(50));
+      if (cancel.cancelled()) throw Error(ErrorKind::kCancelled, "pipeline stopped");
+    }
+    return offsets_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool decided_ = false, offsets_ = false;
+};
+
 // The first failure wins; later ones are consequences of the abort.
 class FirstError {
  public:
@@ -68,7 +137,10 @@ class FirstError {
 }  // namespace
 
 ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, const PollFn& poll) {
-  BoundedQueue<Bytes> compressed(opt.queue_chunks), decoded(opt.queue_chunks);
+  BoundedQueue<InChunk> compressed(opt.queue_chunks);
+  BoundedQueue<Bytes> decoded(opt.queue_chunks);
+  Decision decision;
+  std::atomic<uint64_t> input_floor{0};  // the decoder's, for the source's window
   CancelToken cancel;
   FirstError error;
   std::atomic<uint64_t> bytes_in{0}, bytes_out{0};
@@ -94,12 +166,27 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
     try {
       std::unique_ptr<Digest> sha;
       if (!opt.expected_sha256.empty()) sha = std::make_unique<Digest>(DigestAlgo::kSha256);
-      Chunker out(compressed, opt.chunk_bytes);
+      InChunker out(compressed, opt.chunk_bytes);
       struct Probe {  // the queue dies with extract(); the source may not
         Source& s;
-        ~Probe() { s.set_consumer_wait(nullptr); }
+        ~Probe() {
+          s.set_consumer_wait(nullptr);
+          s.set_offset_sink(nullptr);
+        }
       } probe{src};
       src.set_consumer_wait([&compressed] { return compressed.wait_seconds(); });
+      // A pinned sha256 needs the bytes in order.
+      Source::OffsetSink offsets{
+          [&] {
+            out.flush();
+            return decision.wait(cancel);
+          },
+          [&](uint64_t off, const uint8_t* p, size_t n) {
+            bytes_in.fetch_add(n, std::memory_order_relaxed);
+            out.put_at(off, p, n);
+          },
+          [&] { return input_floor.load(std::memory_order_relaxed); }};
+      if (!sha) src.set_offset_sink(&offsets);
       src.run(
           [&](const uint8_t* p, size_t n) {
             if (sha) sha->update(p, n);
@@ -128,17 +215,28 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
       std::unique_ptr<Decoder> dec;
       Chunker out(decoded, opt.chunk_bytes);
       auto emit = [&](const uint8_t* p, size_t n) { out.put(p, n); };
-      bool any = false;
+      bool any = false, offsets = false;
       while (auto chunk = compressed.pop()) {
         auto t = Clock::now();
+        const Bytes& b = chunk->bytes;
         if (!dec) {
-          stats.compression = detect_compression(chunk->data(), chunk->size());
+          // The first chunk holds the stream's first bytes: sources deliver
+          // out of order only after asking, which this answers.
+          stats.compression = detect_compression(b.data(), b.size());
           dec = make_decoder(stats.compression, opt.decode);
+          offsets = dec->takes_offsets();
+          decision.set(offsets);
         }
         any = true;
-        dec->feed(chunk->data(), chunk->size(), emit);
+        if (offsets) {
+          dec->feed_at(chunk->offset, b.data(), b.size(), emit);
+          input_floor.store(dec->input_floor(), std::memory_order_relaxed);
+        } else {
+          dec->feed(b.data(), b.size(), emit);
+        }
         busy += since(t);
       }
+      input_floor.store(UINT64_MAX, std::memory_order_relaxed);
       if (cancel.cancelled()) throw Error(ErrorKind::kCancelled, "cancelled");
       if (!any) throw Error(ErrorKind::kIntegrity, "archive '" + src.describe() + "' is empty");
       dec->finish(emit);
@@ -149,6 +247,8 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
     } catch (...) {
       fail(std::current_exception());
     }
+    decision.set(false);
+    input_floor.store(UINT64_MAX, std::memory_order_relaxed);
     stats.decode_busy = busy;
     stage_done();
   });

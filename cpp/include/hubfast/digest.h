@@ -26,6 +26,9 @@ class Digest {
 };
 
 uint32_t crc32c_update(uint32_t crc, const void* data, size_t n);
+// CRC32C of A followed by B from crc(A), crc(B) and len(B): ranges of one
+// object that arrive out of order are checked against its whole-object hash.
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 uint32_t crc32_update(uint32_t crc, const void* data, size_t n);
 std::string to_hex(const std::string& raw);
 std::string base64_decode(const std::string& in);  // throws kInvalid

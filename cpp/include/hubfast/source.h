@@ -29,8 +29,24 @@ class Source {
   // can open more connections does so only while this grows.
   void set_consumer_wait(std::function<double()> f) { consumer_wait_ = std::move(f); }
 
+  // Out-of-order delivery, offered by the pipeline when its decoder can take
+  // it (a parallel gzip decoder works on every segment that has arrived, not
+  // only on the oldest). A source that fetches ranges in parallel asks
+  // accept() once, after the first bytes went out in order through emit; if
+  // it returns true, it may deliver the rest through emit_at in any order
+  // (each byte once, the pieces of one range in order). floor() is the
+  // offset below which the consumer has released everything: what it was
+  // given above it is still held, so the source's window counts from there.
+  struct OffsetSink {
+    std::function<bool()> accept;
+    std::function<void(uint64_t, const uint8_t*, size_t)> emit_at;
+    std::function<uint64_t()> floor;
+  };
+  void set_offset_sink(const OffsetSink* s) { offset_sink_ = s; }
+
  protected:
   std::function<double()> consumer_wait_;
+  const OffsetSink* offset_sink_ = nullptr;
 };
 
 std::unique_ptr<Source> make_file_source(const std::string& path);
