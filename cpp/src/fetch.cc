@@ -441,7 +441,9 @@ class Parallel {
  public:
   Parallel(HttpSource& src, const CancelToken& cancel, uint64_t total, uint64_t seg, size_t window,
            std::function<double()> probe)
-      : src_(src), cancel_(cancel), total_(total), seg_(seg), nseg_((total + seg - 1) / seg),
+      : src_(src), cancel_(cancel), total_(total), seg_(seg), full_(full_segments(total, seg, window)),
+        half_(std::max<uint64_t>(seg / 2, 1)),
+        nseg_(full_ + (total - full_ * seg + half_ - 1) / half_),
         window_(window), slots_(window), probe_(std::move(probe)) {
     halted_ = [this] { return cancel_.cancelled() || halt_.load(std::memory_order_relaxed); };
     window_start_ = Clock::now();
@@ -451,8 +453,17 @@ class Parallel {
   Parallel(const Parallel&) = delete;
   Parallel& operator=(const Parallel&) = delete;
 
-  uint64_t segment_end(uint64_t i) const { return std::min(total_, (i + 1) * seg_); }
-  uint64_t segment_bytes() const { return seg_; }
+  // The last `window / 2` segments' worth of bytes is cut into half-size
+  // segments: the connections then run out of work closer together (on a
+  // capped link the last round of full segments left most of them idle).
+  static uint64_t full_segments(uint64_t total, uint64_t seg, size_t window) {
+    uint64_t tail = seg * std::max<uint64_t>(1, window / 2);
+    return std::max<uint64_t>(1, total > tail + seg ? (total - tail) / seg : total / seg);
+  }
+  uint64_t segment_start(uint64_t i) const {
+    return i <= full_ ? std::min(total_, i * seg_) : std::min(total_, full_ * seg_ + (i - full_) * half_);
+  }
+  uint64_t segment_end(uint64_t i) const { return segment_start(i + 1); }
   bool failed() const { return failed_.load(std::memory_order_relaxed); }
   std::exception_ptr error() {
     std::lock_guard<std::mutex> lk(mu_);
@@ -478,7 +489,8 @@ class Parallel {
   void allow_workers(int max_workers) { max_workers_ = max_workers; }
 
   // Doubles the connections (up to the allowed count) whenever the consumer
-  // spent more than half of two windows of kGrowAfter in a row waiting, so a slow
+  // spent more than half of two windows of kGrowAfter in a row waiting (or
+  // nine tenths of one), so a slow
   // link reaches the full count in a few steps while a fast one, whose
   // consumer waits only briefly between chunks, keeps its two. The wait is
   // the pipeline's (its decoder on an empty queue) when it measures it, else
@@ -492,9 +504,11 @@ class Parallel {
     if (wall < kGrowAfter) return;
     auto waited = this->waited();
     bool starved = (waited - waited_at_window_) * 2 > wall;
+    // Waiting nine tenths of a window is no blip: it counts for two.
+    bool famished = (waited - waited_at_window_) * 10 > wall * 9;
     window_start_ = now;
     waited_at_window_ = waited;
-    starved_windows_ = starved ? starved_windows_ + 1 : 0;
+    starved_windows_ = famished ? starved_windows_ + 2 : starved ? starved_windows_ + 1 : 0;
     if (starved_windows_ < kStarvedWindows) return;
     starved_windows_ = 0;
     int n = int(threads_.size());
@@ -505,7 +519,7 @@ class Parallel {
   void consume(const std::function<void(const uint8_t*, size_t)>& sink) {
     for (uint64_t i = 1; i < nseg_; ++i) {
       Slot& s = slots_[i % window_];
-      uint64_t len = segment_end(i) - i * seg_, done = 0;
+      uint64_t len = segment_end(i) - segment_start(i), done = 0;
       while (done < len) {
         uint64_t avail = 0;
         {
@@ -595,13 +609,13 @@ class Parallel {
           cancel_.throw_if_cancelled();
           size_t n = size_t(std::min<uint64_t>(r.to - done, kEmitSlice));
           if (src_.meta_.hash_usable) crcs[r.seg] = crc32c_update(crcs[r.seg], buf + done, n);
-          emit_at(r.seg * seg_ + done, buf + done, n);
+          emit_at(segment_start(r.seg) + done, buf + done, n);
           done += n;
         }
         std::lock_guard<std::mutex> lk(mu_);
         Slot& s = slots_[r.seg % window_];
         s.emitted = r.to;
-        if (r.to == segment_end(r.seg) - r.seg * seg_) {
+        if (r.to == segment_end(r.seg) - segment_start(r.seg)) {
           s.finished = true;
           if (s.buf) spare_.push_back(std::move(s.buf));
           while (head_ < nseg_ && head_ < next_ && slots_[head_ % window_].owner == int64_t(head_) &&
@@ -646,7 +660,7 @@ class Parallel {
     if (next_ >= head_ + ahead_) return false;
     if (!floor_) return true;
     uint64_t f = floor_();
-    return f == UINT64_MAX || next_ * seg_ < f + (ahead_ + 1) * seg_;
+    return f == UINT64_MAX || segment_start(next_) < f + (ahead_ + 1) * seg_;
   }
 
   void worker() {
@@ -673,7 +687,7 @@ class Parallel {
         }
         if (!s->buf) s->buf = std::make_unique<uint8_t[]>(seg_);
         RangeTask t;
-        t.pos = i * seg_;
+        t.pos = segment_start(i);
         t.end = segment_end(i);
         const uint64_t base = t.pos;
         uint8_t* buf = s->buf.get();
@@ -710,7 +724,9 @@ class Parallel {
 
   HttpSource& src_;
   const CancelToken& cancel_;
-  const uint64_t total_, seg_, nseg_;
+  const uint64_t total_, seg_;
+  const uint64_t full_, half_;  // segments of seg_ bytes, then of half_
+  const uint64_t nseg_;
   const size_t window_;
   HaltFn halted_;
   std::vector<Slot> slots_;
@@ -1384,7 +1400,7 @@ void HttpSource::run(const EmitFn& emit, const CancelToken& cancel) {
           },
           offset_sink_->floor);
       for (uint64_t i = 1; i < crcs.size(); ++i)
-        crc_ = crc32c_combine(crc_, crcs[i], par_->segment_end(i) - i * par_->segment_bytes());
+        crc_ = crc32c_combine(crc_, crcs[i], par_->segment_end(i) - par_->segment_start(i));
       st_any_order_.store(true);
     } else {
       par_->consume([this](const uint8_t* p, size_t n) { sink_direct(p, n); });
