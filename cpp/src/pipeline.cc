@@ -216,7 +216,20 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
       Chunker out(decoded, opt.chunk_bytes);
       auto emit = [&](const uint8_t* p, size_t n) { out.put(p, n); };
       bool any = false, offsets = false;
-      while (auto chunk = compressed.pop()) {
+      for (;;) {
+        // Out of order, the decoder hands out its output only when called:
+        // with nothing new to give it, it is called empty-handed, or the
+        // source, waiting for the decoder's release point, would wait forever.
+        bool idle = false;
+        auto chunk = offsets ? compressed.pop_for(std::chrono::milliseconds(2), &idle) : compressed.pop();
+        if (idle) {
+          auto t = Clock::now();
+          dec->feed_at(0, nullptr, 0, emit);
+          input_floor.store(dec->input_floor(), std::memory_order_relaxed);
+          busy += since(t);
+          continue;
+        }
+        if (!chunk) break;
         auto t = Clock::now();
         const Bytes& b = chunk->bytes;
         if (!dec) {

@@ -43,14 +43,27 @@ class BoundedQueue {
   }
 
   // Blocks while empty. nullopt once closed and drained, or aborted.
-  std::optional<T> pop() {
+  std::optional<T> pop() { return pop_for(std::chrono::nanoseconds::max(), nullptr); }
+
+  // As pop(), waiting at most `timeout`: then nullopt with *timed_out set.
+  std::optional<T> pop_for(std::chrono::nanoseconds timeout, bool* timed_out) {
     std::unique_lock<std::mutex> lk(mu_);
+    if (timed_out) *timed_out = false;
     if (items_.empty() && !closed_ && !aborted_) {
       int64_t t0 = now_ns();
       waiting_since_.store(t0, std::memory_order_relaxed);
-      not_empty_.wait(lk, [&] { return aborted_ || closed_ || !items_.empty(); });
+      auto ready = [&] { return aborted_ || closed_ || !items_.empty(); };
+      bool got = true;
+      if (timeout == std::chrono::nanoseconds::max())
+        not_empty_.wait(lk, ready);
+      else
+        got = not_empty_.wait_for(lk, timeout, ready);
       waiting_since_.store(0, std::memory_order_relaxed);
       wait_ns_.fetch_add(now_ns() - t0, std::memory_order_relaxed);
+      if (!got) {
+        if (timed_out) *timed_out = true;
+        return std::nullopt;
+      }
     }
     if (aborted_ || items_.empty()) return std::nullopt;
     T v = std::move(items_.front());
