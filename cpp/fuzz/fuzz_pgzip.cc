@@ -2,15 +2,20 @@
 // gzip stream made by zlib from the input and then damaged, decoded with
 // tiny chunks (so that chunk boundaries fall everywhere). Whenever zlib
 // decodes the stream, the output must be identical; a refusal must be
-// kIntegrity, and only where ISA-L in one stream refuses it too.
+// kIntegrity, and only where ISA-L in one stream refuses it too. When the
+// last input byte says so, the stream is fed out of order through feed_at:
+// ranges of random sizes in a shuffled order, several open at once, each
+// delivering its pieces in increasing order (parallel ranged requests).
 //   cmake -S . -B build/fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DHUBFAST_FUZZ=ON \
 //     -DHUBFAST_PYTHON=OFF -DHUBFAST_SANITIZE=address,undefined
 //   build/fuzz/fuzz_pgzip -max_len=200000
 #include <zlib.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include "hubfast/decode.h"
@@ -86,11 +91,56 @@ bool decode(hubfast::Decoder& d, const Bytes& in, size_t step, Bytes* out) {
   return true;
 }
 
+// The same through feed_at: ranges cut and ordered by `seed`, `conns` of
+// them open at once, their pieces interleaved.
+bool decode_at(hubfast::Decoder& d, const Bytes& in, uint32_t seed, size_t chunk, Bytes* out) {
+  out->clear();
+  auto sink = [&](const uint8_t* p, size_t n) {
+    out->insert(out->end(), p, p + n);
+    if (out->size() > (64u << 20)) throw hubfast::Error(hubfast::ErrorKind::kLimit, "too large");
+  };
+  std::mt19937 rng(seed);
+  struct Span {
+    size_t off, len;
+  };
+  std::vector<Span> ranges, open;
+  const size_t max_range = 1 + rng() % (4 * chunk);
+  for (size_t pos = 0; pos < in.size();) {
+    size_t n = std::min(in.size() - pos, 1 + size_t(rng() % max_range));
+    ranges.push_back({pos, n});
+    pos += n;
+  }
+  std::shuffle(ranges.begin(), ranges.end(), rng);
+  const size_t conns = 1 + rng() % 4, max_piece = 1 + rng() % chunk;
+  try {
+    size_t next = 0;
+    for (;;) {
+      while (open.size() < conns && next < ranges.size()) open.push_back(ranges[next++]);
+      if (open.empty()) break;
+      size_t c = rng() % open.size();
+      Span& s = open[c];
+      size_t n = std::min(s.len, 1 + size_t(rng() % max_piece));
+      d.feed_at(s.off, in.data() + s.off, n, sink);
+      s.off += n;
+      s.len -= n;
+      if (s.len == 0) open.erase(open.begin() + long(c));
+      if (rng() % 8 == 0) d.feed_at(0, nullptr, 0, sink);
+    }
+    d.finish(sink);
+  } catch (const hubfast::Error& e) {
+    if (e.kind() == hubfast::ErrorKind::kLimit) return false;
+    if (e.kind() != hubfast::ErrorKind::kIntegrity) std::abort();
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 4) return 0;
   const uint8_t mode = data[0], arg = data[1], arg2 = data[2];
+  const uint8_t order = data[size - 1];  // odd: out of order (feed_at); the rest seeds the order
   data += 3;
   size -= 3;
   Bytes in;
@@ -115,7 +165,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Bytes ref, got;
   bool zok = zlib_gunzip(in, &ref);
   auto par = hubfast::make_parallel_gzip_decoder(threads, chunk);
-  bool ok = decode(*par, in, 1 + size_t(arg2) * 37, &got);
+  const uint32_t order_seed = uint32_t(order >> 1) * 2654435761u ^ uint32_t(size);
+  bool ok = (order & 1) && par->takes_offsets() ? decode_at(*par, in, order_seed, chunk, &got)
+                                                 : decode(*par, in, 1 + size_t(arg2) * 37, &got);
   if (zok && ok && got != ref) std::abort();
   if (zok && !ok) {
     // Refused although zlib took it: only where ISA-L refuses it too.

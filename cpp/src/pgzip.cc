@@ -23,6 +23,22 @@
 //   piece into the member's CRC32 (crc32_combine of per-piece CRCs), checks
 //   each member's trailer, and then continues with job j. Jobs between k
 //   and j (false starts) are cancelled.
+//
+// Out-of-order input (feed_at, parallel ranged requests): a job needs only
+// its own segment and the ones after it, so segments are published one by
+// one as they become complete (the contiguous prefix is still counted, the
+// ones beyond it are kept by index) and a job can start on any present
+// segment, lowest first, while earlier ones are still on the way; one slot
+// is kept for the job right after the last one started in order, so the
+// chain behind the oldest job keeps being decoded. Jobs then wait for data
+// that only more input can bring, and that input may be held back by the
+// caller until the oldest job moves the input floor: so every job gets a
+// thread of its own, and at most `threads` of them decode at a time (run
+// tokens, released while a job waits, the lowest job first; the oldest job
+// never waits for one, it is the critical path). The feeding thread waits
+// only for progress that needs no more input: the oldest job not waiting
+// for a missing segment, itself or through the block start it needs.
+// finish() refuses a stream with gaps.
 #include "hubfast/pgzip.h"
 
 #include <zlib.h>
@@ -41,6 +57,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -190,6 +207,11 @@ struct Job {
   size_t buffered = 0;
   bool current = false;
   bool done = false;
+  bool blocked = false;    // waits for segment wait_seg
+  uint64_t wait_seg = 0;
+  bool slot_wait = false;  // waits for boundary slot_index, which another job is finding
+  uint64_t slot_index = 0;
+  bool has_token = false;  // out-of-order input: may decode now (see run tokens)
   std::shared_ptr<const Window> window;
   JobEnd end = JobEnd::kNone;
   uint64_t end_boundary = 0;
@@ -231,37 +253,16 @@ class ParallelGzip : public Decoder {
       for (auto& j : queue_) j->cancelled = true;
     }
     work_cv_.notify_all();
+    token_cv_.notify_all();
     for (auto& t : workers_) t.join();
   }
 
   void feed(const uint8_t* in, size_t n, const OutFn& out) override {
     if (mode_ == Mode::kSequential) return seq_->feed(in, n, out);
+    if (offsets_) throw Error(ErrorKind::kInvalid, "gzip decoder: feed() after feed_at(): a stream is given one way only");
+    in_order_ = true;
     while (n > 0) {
-      if (!open_) {
-        // A segment's buffer goes back to the pool when its last reader lets
-        // go of it: the deleter runs after the final reference count
-        // decrement, so every read of the buffer happens before its reuse
-        // (use_count() in trim_locked() gave no such order: a TSan report).
-        auto pool = seg_pool_;
-        open_ = std::shared_ptr<Segment>(new Segment, [pool](Segment* seg) {
-          {
-            std::lock_guard<std::mutex> lk(pool->mu);
-            if (pool->free.size() < 4) pool->free.push_back(std::move(seg->data));
-          }
-          delete seg;
-        });
-        open_->index = open_index_;
-        open_->base = open_index_ * C_;
-        {
-          std::lock_guard<std::mutex> lk(pool->mu);
-          if (!pool->free.empty()) {
-            open_->data = std::move(pool->free.back());
-            pool->free.pop_back();
-            open_->data.clear();
-          }
-        }
-        open_->data.reserve(C_);
-      }
+      if (!open_) open_ = new_segment(open_index_);
       size_t k = std::min(n, C_ - open_->data.size());
       open_->data.insert(open_->data.end(), in, in + k);
       in += k;
@@ -276,9 +277,48 @@ class ParallelGzip : public Decoder {
     }
   }
 
+  bool takes_offsets() const override { return threads_ > 1; }
+
+  // Stores the bytes in their segment; a segment complete is published (see
+  // the top of this file). n == 0 only hands out the output ready, and waits
+  // for some when the oldest job can produce it without more input.
+  void feed_at(uint64_t offset, const uint8_t* in, size_t n, const OutFn& out) override {
+    if (threads_ <= 1) return Decoder::feed_at(offset, in, n, out);
+    if (in_order_) throw Error(ErrorKind::kInvalid, "gzip decoder: feed_at() after feed(): a stream is given one way only");
+    offsets_ = true;
+    if (n == 0) {
+      if (mode_ == Mode::kParallel) drain(out, Wait::kProgress);
+      return;
+    }
+    if (offset > UINT64_MAX - n) throw Error(ErrorKind::kInvalid, "gzip decoder: offset out of range");
+    end_ = std::max(end_, offset + n);
+    while (n > 0) {
+      const uint64_t index = offset / C_;
+      const size_t within = size_t(offset - index * C_);
+      const size_t k = size_t(std::min<uint64_t>(n, C_ - within));
+      store_at(index, within, in, k);
+      offset += k;
+      in += k;
+      n -= k;
+      total_in_ += k;
+      if (mode_ == Mode::kProbe && total_in_ >= threshold_) start_parallel();
+      if (mode_ == Mode::kParallel) {
+        drain(out, Wait::kNo);
+        drain(out, Wait::kBackpressure);
+      }
+    }
+  }
+
+  uint64_t input_floor() const override { return floor_.load(std::memory_order_relaxed); }
+
   void finish(const OutFn& out) override {
     if (mode_ == Mode::kSequential) return seq_->finish();
-    if (open_ && !open_->data.empty()) publish_open();
+    if (offsets_) {
+      complete_offsets();
+    } else if (open_ && !open_->data.empty()) {
+      publish_open();
+    }
+    const uint64_t total = offsets_ ? end_ : total_in_;
     if (mode_ == Mode::kProbe) {
       // Too small to pay: one stream.
       mode_ = Mode::kSequential;
@@ -287,7 +327,9 @@ class ParallelGzip : public Decoder {
       segs.swap(segs_);
       for (auto& s : segs) seq_->feed(s->data.data(), s->data.size(), out);
       segs.clear();
-      return seq_->finish();
+      seq_->finish();
+      floor_ = total;
+      return;
     }
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -296,6 +338,7 @@ class ParallelGzip : public Decoder {
     work_cv_.notify_all();
     drain(out, Wait::kUntilEnd);
     if (!ended_) throw Error(ErrorKind::kIntegrity, "gzip stream is truncated");
+    floor_ = total;
   }
 
   uint64_t units() const override { return seq_ ? seq_->units() : members_; }
@@ -315,13 +358,42 @@ class ParallelGzip : public Decoder {
  private:
   friend class JobRun;
   enum class Mode { kProbe, kParallel, kSequential };
-  enum class Wait { kNo, kBackpressure, kUntilEnd };
+  // kProgress: until some output of the oldest job, unless it waits for input.
+  enum class Wait { kNo, kBackpressure, kProgress, kUntilEnd };
   struct Slot {
     enum State { kFree, kBusy, kDone } state = kFree;
     Boundary b;
+    const Job* finder = nullptr;  // kBusy: the job finding it (alive until it lets go of the slot)
   };
 
   // ---- feeding thread ----
+
+  std::shared_ptr<Segment> new_segment(uint64_t index) {
+    // A segment's buffer goes back to the pool when its last reader lets
+    // go of it: the deleter runs after the final reference count
+    // decrement, so every read of the buffer happens before its reuse
+    // (use_count() in trim_locked() gave no such order: a TSan report).
+    auto pool = seg_pool_;
+    auto seg = std::shared_ptr<Segment>(new Segment, [pool](Segment* seg) {
+      {
+        std::lock_guard<std::mutex> lk(pool->mu);
+        if (pool->free.size() < 4) pool->free.push_back(std::move(seg->data));
+      }
+      delete seg;
+    });
+    seg->index = index;
+    seg->base = index * C_;
+    {
+      std::lock_guard<std::mutex> lk(pool->mu);
+      if (!pool->free.empty()) {
+        seg->data = std::move(pool->free.back());
+        pool->free.pop_back();
+        seg->data.clear();
+      }
+    }
+    seg->data.reserve(C_);
+    return seg;
+  }
 
   void publish_open() {
     {
@@ -334,11 +406,141 @@ class ParallelGzip : public Decoder {
     work_cv_.notify_all();
   }
 
+  // ---- out-of-order input (feeding thread) ----
+
+  // A segment being filled: the byte ranges given so far (merged).
+  struct Partial {
+    std::shared_ptr<Segment> seg;
+    std::map<size_t, size_t> have;  // start -> end, within the segment
+    size_t count = 0;
+  };
+
+  [[noreturn]] static void given_twice(uint64_t offset) {
+    throw Error(ErrorKind::kInvalid, "gzip decoder: compressed byte " + std::to_string(offset) +
+                                         " given twice (feed_at takes every byte once)");
+  }
+
+  // Bytes [within, within + k) of segment `index`. Only the feeding thread
+  // writes published_, ahead_segs_ and partial_: it reads them unlocked.
+  void store_at(uint64_t index, size_t within, const uint8_t* in, size_t k) {
+    if (index < published_ || ahead_segs_.count(index)) given_twice(index * C_ + within);
+    Partial& part = partial_[index];
+    if (!part.seg) part.seg = new_segment(index);
+    const size_t a = within, e = within + k;
+    auto next = part.have.upper_bound(a);
+    auto prev = next == part.have.begin() ? part.have.end() : std::prev(next);
+    if (next != part.have.end() && next->first < e) given_twice(index * C_ + next->first);
+    if (prev != part.have.end() && prev->second > a) given_twice(index * C_ + a);
+    // Ranges arrive in increasing order: mostly an append; a hole before
+    // `within` is zero-filled until its bytes come.
+    std::vector<uint8_t>& d = part.seg->data;
+    if (within > d.size()) d.resize(within);
+    const size_t inside = std::min(k, d.size() - within);
+    std::memcpy(d.data() + within, in, inside);
+    d.insert(d.end(), in + inside, in + k);
+    if (prev != part.have.end() && prev->second == a) {
+      prev->second = e;
+      if (next != part.have.end() && next->first == e) {
+        prev->second = next->second;
+        part.have.erase(next);
+      }
+    } else if (next != part.have.end() && next->first == e) {
+      const size_t ne = next->second;
+      part.have.erase(next);
+      part.have.emplace(a, ne);
+    } else {
+      part.have.emplace(a, e);
+    }
+    part.count += k;
+    if (part.count == C_) {
+      std::shared_ptr<Segment> seg = std::move(part.seg);
+      partial_.erase(index);
+      publish_at(std::move(seg));
+    }
+  }
+
+  void publish_at(std::shared_ptr<Segment> seg) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      const uint64_t i = seg->index;
+      if (i == published_) {
+        segs_.push_back(std::move(seg));
+        ++published_;
+        while (!ahead_segs_.empty() && ahead_segs_.begin()->first == published_) {
+          segs_.push_back(std::move(ahead_segs_.begin()->second));
+          ahead_segs_.erase(ahead_segs_.begin());
+          ++published_;
+        }
+      } else {
+        ahead_segs_.emplace(i, std::move(seg));
+      }
+      if (i >= next_job_) pending_.insert(i);
+    }
+    work_cv_.notify_all();
+  }
+
+  // At finish(): the stream ends at the highest byte given; every byte below
+  // must be there. Publishes the last, partial segment.
+  void complete_offsets() {
+    if (end_ == 0) return;
+    const uint64_t last = (end_ - 1) / C_;
+    const size_t last_len = size_t(end_ - last * C_);
+    uint64_t i = published_;
+    while (i <= last) {
+      if (ahead_segs_.count(i)) {
+        ++i;
+        continue;
+      }
+      const size_t len = i == last ? last_len : C_;
+      auto it = partial_.find(i);
+      size_t at = 0, to = len;
+      if (it != partial_.end()) {
+        auto& have = it->second.have;
+        if (!have.empty() && have.begin()->first == 0) at = have.begin()->second;
+        auto nx = have.upper_bound(at);
+        if (nx != have.end()) to = nx->first;
+      }
+      if (at >= len) {
+        ++i;
+        continue;
+      }
+      throw Error(ErrorKind::kIntegrity,
+                  "gzip stream is incomplete: compressed bytes " + std::to_string(i * C_ + at) + " to " +
+                      std::to_string(i * C_ + to) + " were never given (the stream ends at " +
+                      std::to_string(end_) + ")");
+    }
+    auto it = partial_.find(last);
+    if (it != partial_.end()) {
+      std::shared_ptr<Segment> seg = std::move(it->second.seg);
+      partial_.erase(it);
+      publish_at(std::move(seg));
+    }
+  }
+
   void start_parallel();
 
   bool must_wait_locked() const {
+    // Out of order: two whole segments wait for a job slot and the oldest
+    // job can go on without more input (so it will free a slot). Jobs ahead
+    // of it may wait for data: they will get it once the feeding resumes.
+    if (offsets_) return pending_.size() >= 2 && cur_ && !stuck_locked(*cur_);
     // Two whole segments wait for a job slot and no job waits for data.
     return published_ >= next_job_ + 2 && waiting_.empty();
+  }
+
+  // Waits for input: for a segment still missing (one published already
+  // wakes it), or for a boundary whose finder does.
+  bool wants_data_locked(const Job& job) const {
+    if (!job.blocked || eof_) return false;
+    const uint64_t i = job.wait_seg;
+    return i >= published_ && !ahead_segs_.count(i);
+  }
+  bool stuck_locked(const Job& job) const {
+    if (wants_data_locked(job)) return true;
+    if (!job.slot_wait) return false;
+    auto it = slots_.find(job.slot_index);
+    return it != slots_.end() && it->second.state == Slot::kBusy && it->second.finder &&
+           wants_data_locked(*it->second.finder);
   }
 
   void housekeeping_locked() {
@@ -350,14 +552,44 @@ class ParallelGzip : public Decoder {
         ++it;
     }
     bool added = false;
-    while (jobs_.size() < max_inflight_ && next_job_ < published_) {
-      add_job_locked(next_job_++);
-      added = true;
+    if (offsets_) {
+      // Present segments, lowest first; the last slot only for the next job
+      // in order (next_job_).
+      while (!pending_.empty()) {
+        const uint64_t i = *pending_.begin();
+        const bool in_order = i == next_job_;
+        if (jobs_.size() + (in_order ? 0 : 1) >= max_inflight_) break;
+        pending_.erase(pending_.begin());
+        add_job_locked(i);
+        added = true;
+        if (in_order) {
+          ++next_job_;
+          advance_frontier_locked();
+        } else {
+          ahead_jobs_.insert(i);
+        }
+      }
+    } else {
+      while (jobs_.size() < max_inflight_ && next_job_ < published_) {
+        add_job_locked(next_job_++);
+        added = true;
+      }
     }
     if (added) work_cv_.notify_all();
     // A job may decode through many segments (a stream with few block
     // starts): release what no job can read any more as it goes.
     trim_locked();
+  }
+
+  // Out-of-order input: next_job_ moved; jobs started ahead of it and
+  // segments no job will start on are behind it now.
+  void advance_frontier_locked() {
+    while (!ahead_jobs_.empty() && *ahead_jobs_.begin() < next_job_) ahead_jobs_.erase(ahead_jobs_.begin());
+    while (!ahead_jobs_.empty() && *ahead_jobs_.begin() == next_job_) {
+      ahead_jobs_.erase(ahead_jobs_.begin());
+      ++next_job_;
+    }
+    while (!pending_.empty() && *pending_.begin() < next_job_) pending_.erase(pending_.begin());
   }
 
   std::shared_ptr<Job> add_job_locked(uint64_t index) {
@@ -376,6 +608,7 @@ class ParallelGzip : public Decoder {
     job->window_ready = true;
     cur_ = job;
     work_cv_.notify_all();
+    token_cv_.notify_all();
   }
 
   void trim_locked() {
@@ -383,13 +616,15 @@ class ParallelGzip : public Decoder {
     for (auto& kv : jobs_)
       if (!kv.second->done) floor = std::min<uint64_t>(floor, kv.second->min_seg.load());
     while (seg_first_ < floor && !segs_.empty()) {
-      segs_.pop_front();  // its buffer is reused once no job holds it (see feed())
+      segs_.pop_front();  // its buffer is reused once no job holds it (see new_segment())
       ++seg_first_;
     }
+    floor_.store(seg_first_ * C_, std::memory_order_relaxed);
     while (!slots_.empty() && slots_.begin()->first < floor) slots_.erase(slots_.begin());
   }
 
   void drain(const OutFn& out, Wait wait) {
+    bool any = false;
     for (;;) {
       std::deque<Piece> got;
       bool done = false;
@@ -403,10 +638,12 @@ class ParallelGzip : public Decoder {
         if (got.empty() && !done) {
           if (wait == Wait::kNo) return;
           if (wait == Wait::kBackpressure && !must_wait_locked()) return;
+          if (wait == Wait::kProgress && (any || stuck_locked(*cur_))) return;
           main_cv_.wait(lk);
           continue;
         }
       }
+      any = true;
       for (auto& p : got) process_piece(p, out);
       if (done) advance_chain();
     }
@@ -478,6 +715,7 @@ class ParallelGzip : public Decoder {
         jobs_.clear();
         cur_.reset();
         work_cv_.notify_all();
+        token_cv_.notify_all();
         return;
       }
       case JobEnd::kHit: {
@@ -499,6 +737,7 @@ class ParallelGzip : public Decoder {
           next = add_job_locked(j);
         }
         next_job_ = std::max(next_job_, j + 1);
+        if (offsets_) advance_frontier_locked();
         ++stats_.chunks_used;
         make_current_locked(next);
         trim_locked();
@@ -514,15 +753,35 @@ class ParallelGzip : public Decoder {
 
   SegPtr get_segment(uint64_t i, Job& job) {
     std::unique_lock<std::mutex> lk(mu_);
+    bool waited = false;
     for (;;) {
-      if (job.cancelled || stop_) throw Cancelled();
+      if (job.cancelled || stop_) {
+        job.blocked = false;
+        throw Cancelled();
+      }
+      SegPtr s;
       if (i < published_) {
         if (i < seg_first_)
           throw DecodeError("internal error: segment " + std::to_string(i) + " was released (first kept " +
                             std::to_string(seg_first_) + ", job " + std::to_string(job.index) + ")");
-        return segs_[i - seg_first_];
+        s = segs_[i - seg_first_];
+      } else if (!ahead_segs_.empty()) {
+        auto it = ahead_segs_.find(i);
+        if (it != ahead_segs_.end()) s = it->second;
       }
-      if (eof_) return nullptr;
+      if (s || eof_) {
+        if (waited) {
+          job.blocked = false;
+          acquire_token_locked(lk, job);
+        }
+        return s;
+      }
+      if (!waited) {
+        waited = true;
+        job.blocked = true;
+        job.wait_seg = i;
+        release_token_locked(job);
+      }
       waiting_.push_back(i);
       main_cv_.notify_all();
       work_cv_.wait(lk);
@@ -532,31 +791,82 @@ class ParallelGzip : public Decoder {
 
   Boundary get_boundary(uint64_t j, Job& job, SegmentSource* src) {
     std::unique_lock<std::mutex> lk(mu_);
+    bool waited = false;
     for (;;) {
-      if (job.cancelled || stop_) throw Cancelled();
-      Slot& s = slots_[j];
-      if (s.state == Slot::kDone) return s.b;
-      if (s.state == Slot::kFree) {
-        s.state = Slot::kBusy;
-        lk.unlock();
-        Boundary b;
-        try {
-          b = find_boundary(src, j);
-        } catch (...) {
-          lk.lock();
-          slots_[j].state = Slot::kFree;
-          work_cv_.notify_all();
-          throw;
-        }
-        lk.lock();
-        Slot& s2 = slots_[j];
-        s2.b = b;
-        s2.state = Slot::kDone;
-        work_cv_.notify_all();
-        return b;
+      if (job.cancelled || stop_) {
+        job.slot_wait = false;
+        throw Cancelled();
       }
-      work_cv_.wait(lk);
+      Slot& s = slots_[j];
+      if (s.state == Slot::kBusy) {
+        // Another job is finding it (and may itself wait for data).
+        if (!waited) {
+          waited = true;
+          job.slot_wait = true;
+          job.slot_index = j;
+          release_token_locked(job);
+          main_cv_.notify_all();
+        }
+        work_cv_.wait(lk);
+        continue;
+      }
+      if (waited) {
+        waited = false;
+        job.slot_wait = false;
+        acquire_token_locked(lk, job);
+        continue;  // the lock was let go: look again
+      }
+      if (s.state == Slot::kDone) return s.b;
+      s.state = Slot::kBusy;
+      s.finder = &job;
+      lk.unlock();
+      Boundary b;
+      try {
+        b = find_boundary(src, j);
+      } catch (...) {
+        lk.lock();
+        slots_[j].state = Slot::kFree;
+        slots_[j].finder = nullptr;
+        work_cv_.notify_all();
+        throw;
+      }
+      lk.lock();
+      Slot& s2 = slots_[j];
+      s2.b = b;
+      s2.state = Slot::kDone;
+      s2.finder = nullptr;
+      work_cv_.notify_all();
+      return b;
     }
+  }
+
+  // Run tokens (out-of-order input only; tokens_on_ is fixed before the
+  // workers start): a job decodes only while it holds one; it lets go of it
+  // while it waits, and the lowest job waiting gets the next one. The oldest
+  // job (current) takes one even when none is left: it never waits behind
+  // a job ahead of it (one thread more than `threads` then decodes).
+  void acquire_token_locked(std::unique_lock<std::mutex>& lk, Job& job) {
+    if (!tokens_on_ || job.has_token) return;
+    const std::pair<uint64_t, const Job*> key(job.index, &job);
+    token_wait_.insert(key);
+    token_cv_.wait(lk, [&] {
+      return stop_ || job.cancelled || job.current || (tokens_ > 0 && *token_wait_.begin() == key);
+    });
+    token_wait_.erase(key);
+    if (stop_ || job.cancelled) {
+      token_cv_.notify_all();  // a new lowest waiter
+      throw Cancelled();
+    }
+    --tokens_;
+    job.has_token = true;
+    if (tokens_ > 0 && !token_wait_.empty()) token_cv_.notify_all();
+  }
+
+  void release_token_locked(Job& job) {
+    if (!job.has_token) return;
+    job.has_token = false;
+    ++tokens_;
+    if (!token_wait_.empty()) token_cv_.notify_all();
   }
 
   std::shared_ptr<const Window> window_of(Job& job) {
@@ -570,7 +880,13 @@ class ParallelGzip : public Decoder {
     job.buffered += p.marked ? p.len * 2 : p.bytes.size();
     job.pieces.push_back(std::move(p));
     main_cv_.notify_all();
-    work_cv_.wait(lk, [&] { return job.current || job.buffered <= budget_ || job.cancelled || stop_; });
+    auto ready = [&] { return job.current || job.buffered <= budget_ || job.cancelled || stop_; };
+    if (!ready()) {
+      release_token_locked(job);
+      work_cv_.wait(lk, ready);
+      if (job.cancelled || stop_) throw Cancelled();
+      acquire_token_locked(lk, job);
+    }
     if (job.cancelled || stop_) throw Cancelled();
   }
 
@@ -601,6 +917,10 @@ class ParallelGzip : public Decoder {
 
   // Feeding thread only.
   Mode mode_ = Mode::kProbe;
+  bool in_order_ = false;  // fed by feed()
+  bool offsets_ = false;   // fed by feed_at(); also read under mu_ (written before the workers start)
+  uint64_t end_ = 0;       // feed_at: the highest byte given, plus one
+  std::map<uint64_t, Partial> partial_;  // feed_at: segments being filled
   std::unique_ptr<SeqGzip> seq_;
   std::shared_ptr<Segment> open_;
   uint64_t open_index_ = 0;
@@ -615,9 +935,19 @@ class ParallelGzip : public Decoder {
   // Shared, guarded by mu_.
   std::mutex mu_;
   std::condition_variable work_cv_, main_cv_;
+  std::condition_variable token_cv_;  // jobs waiting for a run token
   std::deque<SegPtr> segs_;
   uint64_t seg_first_ = 0;
-  uint64_t published_ = 0;
+  uint64_t published_ = 0;  // segments [seg_first_, published_) are in segs_
+  // Out-of-order input: segments present beyond published_; present ones
+  // from next_job_ on that no job started on yet; jobs started beyond
+  // next_job_ (all jobs below it have started or been passed).
+  std::map<uint64_t, SegPtr> ahead_segs_;
+  std::set<uint64_t> pending_;
+  std::set<uint64_t> ahead_jobs_;
+  bool tokens_on_ = false;
+  long tokens_ = 0;  // below 0 while the oldest job decodes beyond `threads`
+  std::set<std::pair<uint64_t, const Job*>> token_wait_;
   bool eof_ = false;
   bool stop_ = false;
   bool ended_ = false;
@@ -636,6 +966,7 @@ class ParallelGzip : public Decoder {
   };
   std::shared_ptr<SegPool> seg_pool_ = std::make_shared<SegPool>();
   Stats stats_;
+  std::atomic<uint64_t> floor_{0};  // input_floor(): seg_first_ * C_
 
   std::vector<std::thread> workers_;
 };
@@ -1067,11 +1398,16 @@ class JobRun {
 void ParallelGzip::start_parallel() {
   mode_ = Mode::kParallel;
   parallel_started_ = true;
-  const size_t workers = std::min<size_t>(size_t(threads_), max_inflight_);
+  // Out-of-order input: a thread for every job in flight (one may wait for
+  // data while the oldest needs a thread), `threads` of them decoding.
+  tokens_on_ = offsets_;
+  tokens_ = long(std::min<size_t>(size_t(threads_), max_inflight_));
+  const size_t workers = offsets_ ? max_inflight_ : std::min<size_t>(size_t(threads_), max_inflight_);
   for (size_t i = 0; i < workers; ++i) workers_.emplace_back([this] { worker(); });
   std::lock_guard<std::mutex> lk(mu_);
   auto job0 = add_job_locked(0);
   next_job_ = 1;
+  if (offsets_) advance_frontier_locked();
   win_.valid = 0;
   make_current_locked(job0);
   housekeeping_locked();
@@ -1093,6 +1429,10 @@ void ParallelGzip::worker() {
       res.end = JobEnd::kCancelled;
     } else {
       try {
+        {
+          std::unique_lock<std::mutex> lk(mu_);
+          acquire_token_locked(lk, *job);
+        }
         JobRun run(*this, *job);
         res = run.run();
       } catch (const Cancelled&) {
@@ -1108,6 +1448,9 @@ void ParallelGzip::worker() {
     }
     {
       std::lock_guard<std::mutex> lk(mu_);
+      release_token_locked(*job);
+      job->blocked = false;
+      job->slot_wait = false;
       job->end = res.end;
       job->end_boundary = res.boundary;
       job->error = std::move(error);

@@ -1,6 +1,8 @@
 // The parallel gzip decoder against zlib's inflate: byte-identical output on
 // every kind of data and deflate block, chunk boundaries in every kind of
-// block (small chunks), multi-member streams, and corrupt streams refused.
+// block (small chunks), multi-member streams, and corrupt streams refused;
+// the same with the input out of order (feed_at), as parallel ranged
+// requests deliver it.
 #include <catch2/catch.hpp>
 
 #include <zlib.h>
@@ -8,10 +10,14 @@
 #include <isa-l/igzip_lib.h>
 #endif
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../src/pgzip_inflate.h"
@@ -226,6 +232,164 @@ Bytes mixed(size_t n, uint32_t seed) {
   return b;
 }
 
+// bgzip-like small members, members around the chunk size, an empty one,
+// many small ones.
+Bytes multi_member_stream(Bytes* all, int* members) {
+  std::mt19937 rng(3);
+  Bytes gz;
+  all->clear();
+  *members = 0;
+  for (size_t size : {size_t(60000), size_t(60000), size_t(0), size_t(300000), size_t(65536), size_t(1) << 20,
+                      size_t(70000), size_t(700000), size_t(100), size_t(2) << 20}) {
+    Bytes part = mixed(size, rng());
+    GzOptions o;
+    o.level = int(rng() % 10);
+    o.header_fields = rng() % 2;
+    Bytes g = gzip(part, o);
+    all->insert(all->end(), part.begin(), part.end());
+    gz.insert(gz.end(), g.begin(), g.end());
+    ++*members;
+  }
+  for (int i = 0; i < 60; ++i) {
+    Bytes part = gaussian_floats(20000 + rng() % 50000, rng());
+    Bytes g = gzip(part);
+    all->insert(all->end(), part.begin(), part.end());
+    gz.insert(gz.end(), g.begin(), g.end());
+    ++*members;
+  }
+  return gz;
+}
+
+// ---- out-of-order input: parallel ranged requests --------------------------
+
+struct Span {
+  uint64_t off;
+  size_t len;
+};
+
+// How parallel ranged requests deliver a stream: cut into ranges of random
+// sizes (not aligned to the chunk size), taken by `conns` connections in a
+// shuffled order (or in order); each connection delivers its range in
+// pieces of random sizes in increasing order, the open ones taking turns at
+// random.
+struct Ranges {
+  size_t min_range = 1, max_range = 1;
+  size_t max_piece = 1;
+  size_t conns = 4;
+  bool shuffle = true;
+};
+
+Ranges ranges_for(size_t chunk, std::mt19937& rng) {
+  Ranges r;
+  switch (rng() % 3) {
+    case 0:  // like 4-16 MiB ranges over 4 MiB chunks, 16 KiB socket reads
+      r.min_range = chunk + 1;
+      r.max_range = 4 * chunk + 7;
+      r.max_piece = 16 << 10;
+      break;
+    case 1:  // ranges of every size down to one byte, small pieces
+      r.min_range = 1;
+      r.max_range = 3 * chunk;
+      r.max_piece = 4096;
+      break;
+    default:
+      r.min_range = chunk / 3 + 1;
+      r.max_range = 2 * chunk + 1;
+      r.max_piece = chunk;
+      break;
+  }
+  r.conns = 1 + rng() % 6;
+  return r;
+}
+
+std::vector<Span> cut_ranges(size_t total, const Ranges& r, std::mt19937& rng) {
+  std::vector<Span> out;
+  for (size_t pos = 0; pos < total;) {
+    size_t n = std::min<size_t>(total - pos, r.min_range + rng() % (r.max_range - r.min_range + 1));
+    out.push_back({pos, n});
+    pos += n;
+  }
+  if (r.shuffle) std::shuffle(out.begin(), out.end(), rng);
+  return out;
+}
+
+std::vector<Span> deliveries(size_t total, const Ranges& r, std::mt19937& rng) {
+  std::vector<Span> ranges = cut_ranges(total, r, rng);
+  std::vector<Span> open, pieces;
+  size_t next = 0;
+  for (;;) {
+    while (open.size() < r.conns && next < ranges.size()) open.push_back(ranges[next++]);
+    if (open.empty()) break;
+    size_t c = rng() % open.size();
+    Span& s = open[c];
+    size_t n = std::min<size_t>(s.len, 1 + rng() % r.max_piece);
+    pieces.push_back({s.off, n});
+    s.off += n;
+    s.len -= n;
+    if (s.len == 0) open.erase(open.begin() + long(c));
+  }
+  return pieces;
+}
+
+// The bytes given so far; prefix(): how many from the start without a gap.
+struct Given {
+  std::map<uint64_t, uint64_t> have;
+  void add(uint64_t off, size_t n) {
+    uint64_t a = off, e = off + n;
+    auto it = have.upper_bound(a);
+    if (it != have.begin() && std::prev(it)->second >= a) {
+      --it;
+      a = it->first;
+      e = std::max(e, it->second);
+      it = have.erase(it);
+    }
+    while (it != have.end() && it->first <= e) {
+      e = std::max(e, it->second);
+      it = have.erase(it);
+    }
+    have.emplace(a, e);
+  }
+  uint64_t prefix() const { return !have.empty() && have.begin()->first == 0 ? have.begin()->second : 0; }
+};
+
+// Feeds `pieces` through feed_at and finishes; input_floor() must never go
+// back nor pass the bytes given without a gap.
+Decoded feed_pieces(Decoder& d, const Bytes& gz, const std::vector<Span>& pieces) {
+  Decoded r;
+  auto sink = [&](const uint8_t* p, size_t n) { r.out.insert(r.out.end(), p, p + n); };
+  Given given;
+  uint64_t floor = 0;
+  for (const Span& p : pieces) {
+    d.feed_at(p.off, gz.data() + p.off, p.len, sink);
+    given.add(p.off, p.len);
+    uint64_t f = d.input_floor();
+    if (f < floor || f > given.prefix()) FAIL("input_floor " << f << " after " << floor << ", prefix " << given.prefix());
+    floor = f;
+  }
+  d.finish(sink);
+  r.stats = parallel_gzip_stats(d);
+  r.units = d.units();
+  return r;
+}
+
+Decoded pgunzip_at(const Bytes& gz, int threads, size_t chunk, uint32_t seed = 1) {
+  auto d = make_parallel_gzip_decoder(threads, chunk);
+  REQUIRE(d->takes_offsets());
+  std::mt19937 rng(seed);
+  Ranges r = ranges_for(chunk, rng);
+  return feed_pieces(*d, gz, deliveries(gz.size(), r, rng));
+}
+
+bool pgunzip_at_fails(const Bytes& gz, int threads, size_t chunk, uint32_t seed = 1) {
+  try {
+    pgunzip_at(gz, threads, chunk, seed);
+  } catch (const Error& e) {
+    CHECK(e.kind() == ErrorKind::kIntegrity);
+    return true;
+  }
+  return false;
+}
+
 void check_roundtrip(const Bytes& data, const GzOptions& o, size_t chunk, int threads = 2) {
   Bytes gz = gzip(data, o);
   Bytes ref;
@@ -437,28 +601,9 @@ TEST_CASE("pgzip: small streams and one thread go through one stream", "[pgzip]"
 }
 
 TEST_CASE("pgzip: multi-member streams", "[pgzip]") {
-  std::mt19937 rng(3);
-  Bytes all, gz;
+  Bytes all;
   int members = 0;
-  // bgzip-like small members, members around the chunk size, an empty one.
-  for (size_t size : {size_t(60000), size_t(60000), size_t(0), size_t(300000), size_t(65536), size_t(1) << 20,
-                      size_t(70000), size_t(700000), size_t(100), size_t(2) << 20}) {
-    Bytes part = mixed(size, rng());
-    GzOptions o;
-    o.level = int(rng() % 10);
-    o.header_fields = rng() % 2;
-    Bytes g = gzip(part, o);
-    all.insert(all.end(), part.begin(), part.end());
-    gz.insert(gz.end(), g.begin(), g.end());
-    ++members;
-  }
-  for (int i = 0; i < 60; ++i) {  // many bgzip-like members
-    Bytes part = gaussian_floats(20000 + rng() % 50000, rng());
-    Bytes g = gzip(part);
-    all.insert(all.end(), part.begin(), part.end());
-    gz.insert(gz.end(), g.begin(), g.end());
-    ++members;
-  }
+  Bytes gz = multi_member_stream(&all, &members);
   Bytes ref;
   REQUIRE(zlib_gunzip(gz, &ref));
   REQUIRE(ref == all);
@@ -633,4 +778,394 @@ TEST_CASE("pgzip: abandoned mid-stream, and an out() that throws", "[pgzip]") {
   }
   CHECK(stopped);
   d.reset();
+}
+
+// ---- out-of-order input (feed_at) ------------------------------------------
+
+TEST_CASE("pgzip: out of order (feed_at): byte-identical to zlib on every kind of data", "[pgzip]") {
+  const size_t n = 2 << 20;
+  struct Case {
+    const char* name;
+    Bytes data;
+  };
+  std::vector<Case> cases;
+  cases.push_back({"random", random_bytes(n, 101)});
+  cases.push_back({"float32 gaussian", gaussian_floats(n, 102)});
+  cases.push_back({"text", text(n, 103)});
+  cases.push_back({"text, large vocabulary", wordy_text(n, 104)});
+  cases.push_back({"zeros", Bytes(n, 0)});
+  cases.push_back({"pattern 3", pattern(n, 3)});
+  cases.push_back({"mixed", mixed(n, 105)});
+  uint32_t seed = 1;
+  for (auto& c : cases) {
+    for (int level : {0, 1, 6, 9}) {  // 0: stored blocks only
+      GzOptions o;
+      o.level = level;
+      Bytes gz = gzip(c.data, o);
+      for (size_t chunk : {size_t(64) << 10, size_t(100) << 10}) {
+        ++seed;
+        const int threads = 2 + int(seed % 3);
+        INFO(c.name << ", level " << level << ", chunk " << chunk << ", threads " << threads << ", seed " << seed);
+        Decoded d = pgunzip_at(gz, threads, chunk, seed);
+        REQUIRE(d.out.size() == c.data.size());
+        REQUIRE(d.out == c.data);
+        CHECK(d.units == 1);
+        CHECK(d.stats.parallel == (gz.size() >= 2 * chunk));
+      }
+    }
+  }
+}
+
+TEST_CASE("pgzip: out of order (feed_at): strategies, flushes, header fields", "[pgzip]") {
+  Bytes data = mixed(2 << 20, 111);
+  std::vector<GzOptions> opts(7);
+  opts[0].strategy = Z_FIXED;
+  opts[1].strategy = Z_HUFFMAN_ONLY;
+  opts[2].strategy = Z_RLE;
+  opts[3].mem_level = 1;
+  opts[4].flush_every = 32 << 10;
+  opts[5].full_flush_every = 100 << 10;
+  opts[6].header_fields = true;
+  for (size_t i = 0; i < opts.size(); ++i) {
+    Bytes gz = gzip(data, opts[i]);
+    for (uint32_t seed : {1u, 2u, 3u}) {
+      INFO("options " << i << ", seed " << seed);
+      REQUIRE(pgunzip_at(gz, 2, 64 << 10, seed + uint32_t(10 * i)).out == data);
+    }
+  }
+}
+
+TEST_CASE("pgzip: out of order (feed_at): multi-member streams", "[pgzip]") {
+  Bytes all;
+  int members = 0;
+  Bytes gz = multi_member_stream(&all, &members);
+  for (size_t chunk : {size_t(16) << 10, size_t(64) << 10, size_t(300) << 10}) {
+    for (uint32_t seed : {1u, 2u}) {
+      INFO("chunk " << chunk << ", seed " << seed);
+      Decoded d = pgunzip_at(gz, 3, chunk, seed + uint32_t(chunk));
+      REQUIRE(d.out == all);
+      CHECK(d.units == uint64_t(members));
+    }
+  }
+  Bytes z = gz;
+  z.insert(z.end(), 100000, 0);
+  CHECK(pgunzip_at(z, 2, 64 << 10, 7).out == all);
+  Bytes g = gz;
+  g.push_back('x');
+  CHECK(pgunzip_at_fails(g, 2, 64 << 10, 8));
+  Bytes zg = gz;
+  zg.insert(zg.end(), 1000, 0);
+  zg.push_back(0x1f);
+  CHECK(pgunzip_at_fails(zg, 2, 64 << 10, 9));
+}
+
+TEST_CASE("pgzip: out of order (feed_at): small streams go through one stream", "[pgzip]") {
+  const size_t chunk = 64 << 10;
+  // One partial segment; two segments; just under and at two chunks.
+  for (size_t size : {size_t(1000), size_t(50000), size_t(100000), 2 * chunk - 200, 2 * chunk - 18}) {
+    Bytes data = random_bytes(size, uint32_t(size));
+    Bytes gz = gzip(data, {0});
+    for (uint32_t seed : {1u, 2u, 3u}) {
+      INFO("size " << size << " (gzip " << gz.size() << "), seed " << seed);
+      Decoded d = pgunzip_at(gz, 2, chunk, seed);
+      REQUIRE(d.out == data);
+      CHECK(d.stats.parallel == (gz.size() >= 2 * chunk));
+    }
+  }
+  Bytes t = text(1 << 20, 9);
+  Decoded d = pgunzip_at(gzip(t), 4, 4 << 20, 5);
+  CHECK(d.out == t);
+  CHECK_FALSE(d.stats.parallel);
+  CHECK(pgunzip_at(gzip(Bytes()), 2, chunk).out.empty());
+  CHECK(pgunzip_at_fails(Bytes(), 2, chunk));  // nothing given: empty
+  SECTION("one thread takes its input in order only") {
+    auto one = make_parallel_gzip_decoder(1, chunk);
+    CHECK_FALSE(one->takes_offsets());
+    Bytes gz = gzip(t);
+    auto sink = [](const uint8_t*, size_t) {};
+    try {
+      one->feed_at(0, gz.data(), gz.size(), sink);
+      FAIL("feed_at accepted");
+    } catch (const Error& e) {
+      CHECK(e.kind() == ErrorKind::kInvalid);
+    }
+  }
+}
+
+TEST_CASE("pgzip: out of order (feed_at): many threads", "[pgzip]") {
+  Bytes data = mixed(4 << 20, 121);
+  Bytes gz = gzip(data);
+  for (int threads : {8, 16}) {
+    for (size_t chunk : {size_t(16) << 10, size_t(64) << 10}) {
+      INFO("threads " << threads << ", chunk " << chunk);
+      Decoded d = pgunzip_at(gz, threads, chunk, uint32_t(threads * 7 + chunk));
+      REQUIRE(d.out == data);
+      CHECK(d.stats.parallel);
+    }
+  }
+}
+
+TEST_CASE("pgzip: out of order (feed_at): gaps and bytes given twice are refused", "[pgzip]") {
+  Bytes data = gaussian_floats(3 << 20, 131);
+  Bytes gz = gzip(data);
+  const size_t chunk = 64 << 10;
+  auto sink = [](const uint8_t*, size_t) {};
+  auto refused_gap = [&](const std::vector<Span>& pieces) {
+    auto d = make_parallel_gzip_decoder(2, chunk);
+    for (const Span& p : pieces) d->feed_at(p.off, gz.data() + p.off, p.len, sink);
+    try {
+      d->finish(sink);
+    } catch (const Error& e) {
+      CHECK(e.kind() == ErrorKind::kIntegrity);
+      CHECK(std::string(e.what()).find("never given") != std::string::npos);
+      return true;
+    }
+    return false;
+  };
+  std::mt19937 rng(4);
+  Ranges r = ranges_for(chunk, rng);
+  std::vector<Span> all = deliveries(gz.size(), r, rng);
+  auto without = [&](uint64_t from, uint64_t to) {  // pieces cut around [from, to)
+    std::vector<Span> out;
+    for (const Span& p : all) {
+      uint64_t a = p.off, e = p.off + p.len;
+      if (a < from) out.push_back({a, size_t(std::min(e, from) - a)});
+      if (e > to) out.push_back({std::max(a, to), size_t(e - std::max(a, to))});
+    }
+    return out;
+  };
+  CHECK(refused_gap(without(0, 1)));                                // the first byte
+  CHECK(refused_gap(without(0, 3 * chunk)));                        // the first segments
+  CHECK(refused_gap(without(gz.size() / 2, gz.size() / 2 + 1)));    // one byte inside
+  CHECK(refused_gap(without(5 * chunk, 6 * chunk)));                // one whole segment
+  CHECK(refused_gap(without(gz.size() - 100, gz.size() - 99)));     // inside the last segment
+  CHECK(refused_gap(without(1000, 2000)));                          // below two chunks
+  {
+    // Below two chunks in all: the probe.
+    auto d = make_parallel_gzip_decoder(2, chunk);
+    d->feed_at(0, gz.data(), 1000, sink);
+    d->feed_at(2000, gz.data() + 2000, 50000, sink);
+    CHECK_THROWS_AS(d->finish(sink), Error);
+  }
+  SECTION("a byte given twice") {
+    auto d = make_parallel_gzip_decoder(2, chunk);
+    d->feed_at(0, gz.data(), 3 * chunk + 5, sink);
+    for (Span dup : {Span{3 * chunk + 4, 10}, Span{100, 1}, Span{chunk, 2 * chunk}}) {
+      try {
+        d->feed_at(dup.off, gz.data() + dup.off, dup.len, sink);
+        FAIL("bytes " << dup.off << " given twice accepted");
+      } catch (const Error& e) {
+        CHECK(e.kind() == ErrorKind::kInvalid);
+      }
+    }
+    d.reset();
+  }
+  SECTION("feed() and feed_at() on one stream") {
+    auto a = make_parallel_gzip_decoder(2, chunk);
+    a->feed(gz.data(), 1000, sink);
+    CHECK_THROWS_AS(a->feed_at(1000, gz.data() + 1000, 1000, sink), Error);
+    auto b = make_parallel_gzip_decoder(2, chunk);
+    b->feed_at(1000, gz.data() + 1000, 1000, sink);
+    CHECK_THROWS_AS(b->feed(gz.data(), 1000, sink), Error);
+  }
+}
+
+TEST_CASE("pgzip: out of order (feed_at): corrupt streams are refused", "[pgzip]") {
+  Bytes data = mixed(2 << 20, 141);
+  Bytes gz = gzip(data);
+  const size_t chunk = 64 << 10;
+  SECTION("truncated") {
+    uint32_t seed = 1;
+    for (size_t cut : {gz.size() - 1, gz.size() - 4, gz.size() - 8, gz.size() - 9, gz.size() / 2, size_t(200000)}) {
+      INFO("cut at " << cut);
+      CHECK(pgunzip_at_fails(Bytes(gz.begin(), gz.begin() + long(cut)), 2, chunk, ++seed));
+    }
+  }
+  SECTION("bad CRC, bad ISIZE, reserved flags") {
+    Bytes c = gz;
+    c[c.size() - 8] ^= 1;
+    CHECK(pgunzip_at_fails(c, 2, chunk, 3));
+    Bytes s = gz;
+    s[s.size() - 4] ^= 1;
+    CHECK(pgunzip_at_fails(s, 2, chunk, 4));
+    Bytes f = gz;
+    f[3] |= 0x20;
+    CHECK(pgunzip_at_fails(f, 2, chunk, 5));
+  }
+  SECTION("flipped bytes") {
+    std::mt19937 rng(6);
+    int refused = 0;
+    for (size_t c0 = 0; c0 < gz.size(); c0 += chunk) {
+      for (int k = 0; k < 2; ++k) {
+        size_t pos = std::max<size_t>(10, c0 + rng() % chunk);
+        if (pos >= gz.size()) continue;
+        Bytes bad = gz;
+        bad[pos] ^= uint8_t(1 + rng() % 255);
+        Bytes ref;
+        bool zok = zlib_gunzip(bad, &ref);
+        INFO("byte " << pos << " of " << gz.size());
+        if (zok) {
+          CHECK(pgunzip_at(bad, 2 + k, chunk, uint32_t(pos)).out == ref);
+        } else {
+          CHECK(pgunzip_at_fails(bad, 2 + k, chunk, uint32_t(pos)));
+          ++refused;
+        }
+      }
+    }
+    CHECK(refused > 15);
+  }
+}
+
+namespace {
+// The caller of parallel ranged requests: connections take ranges in
+// order, deliver them interleaved, and none feeds beyond input_floor() +
+// window; with nothing to feed it asks for output (feed_at with n == 0).
+// input_floor() must never go back nor pass the bytes given without a gap,
+// and must move far enough for the caller never to be stuck.
+void feed_bounded(const Bytes& gz, const Bytes& data, int threads, size_t chunk, uint64_t window,
+                  bool tight = false) {
+  INFO("threads " << threads << ", chunk " << chunk << ", window " << window);
+  auto d = make_parallel_gzip_decoder(threads, chunk);
+  std::mt19937 rng{uint32_t(threads)};
+  Ranges r;
+  r.min_range = chunk / 2 + 1;
+  r.max_range = 3 * chunk + 5;
+  r.max_piece = 32 << 10;
+  r.conns = 4;
+  r.shuffle = false;
+  std::vector<Span> ranges = cut_ranges(gz.size(), r, rng);
+  std::vector<Span> open;
+  size_t next = 0;
+  Bytes out;
+  auto sink = [&](const uint8_t* p, size_t n) { out.insert(out.end(), p, p + n); };
+  Given given;
+  uint64_t floor = 0;
+  int pumps = 0;
+  auto progress = std::chrono::steady_clock::now();
+  auto check_floor = [&] {
+    uint64_t f = d->input_floor();
+    if (f < floor || f > given.prefix()) FAIL("input_floor " << f << " after " << floor << ", prefix " << given.prefix());
+    if (f != floor) progress = std::chrono::steady_clock::now();
+    floor = f;
+  };
+  for (;;) {
+    while (open.size() < r.conns && next < ranges.size()) open.push_back(ranges[next++]);
+    if (open.empty()) break;
+    std::vector<size_t> ok;
+    for (size_t i = 0; i < open.size(); ++i)
+      if (open[i].off < floor + window) ok.push_back(i);
+    if (ok.empty()) {
+      size_t before = out.size();
+      d->feed_at(0, nullptr, 0, sink);
+      ++pumps;
+      check_floor();
+      if (out.size() != before) progress = std::chrono::steady_clock::now();
+      if (std::chrono::steady_clock::now() - progress > std::chrono::seconds(60))
+        FAIL("stuck at input_floor " << floor << " with " << out.size() << " bytes out");
+      if (out.size() == before) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      continue;
+    }
+    size_t c = ok[rng() % ok.size()];
+    Span& s = open[c];
+    size_t n = std::min<size_t>({s.len, 1 + rng() % r.max_piece, size_t(floor + window - s.off)});
+    d->feed_at(s.off, gz.data() + s.off, n, sink);
+    given.add(s.off, n);
+    s.off += n;
+    s.len -= n;
+    if (s.len == 0) open.erase(open.begin() + long(c));
+    check_floor();
+  }
+  // A wide window is seldom reached (the feeding waits for the decoding once
+  // two chunks wait for a job); one under six chunks always is.
+  if (tight) CHECK(pumps > 0);
+  CHECK(floor > 0);
+  d->finish(sink);
+  REQUIRE(out.size() == data.size());
+  REQUIRE(out == data);
+  CHECK(d->input_floor() == gz.size());
+}
+}  // namespace
+
+TEST_CASE("pgzip: out of order (feed_at): input_floor() bounds the caller, which is never stuck", "[pgzip]") {
+  Bytes data = mixed(6 << 20, 151);
+  Bytes floats = gaussian_floats(6 << 20, 152);
+  data.insert(data.end(), floats.begin(), floats.end());
+  const size_t chunk = 128 << 10;
+  // What pgzip.h asks of the caller: 3 chunks and 4 MiB beyond the floor.
+  const uint64_t window = 3 * chunk + (4 << 20);
+  for (int threads : {2, 3}) feed_bounded(gzip(data), data, threads, chunk, window);
+#ifdef HUBFAST_HAVE_ISAL
+  // Large blocks: validating a block start decodes far beyond it.
+  feed_bounded(isal_gzip(data, 1), data, 2, chunk, window);
+#endif
+  // Tighter than asked, on zlib's small blocks: two chunks start the
+  // decoding, one more finds the next block start.
+  feed_bounded(gzip(data), data, 2, chunk, 3 * chunk, true);
+}
+
+TEST_CASE("pgzip: out of order (feed_at): jobs start while earlier segments are missing", "[pgzip]") {
+  Bytes data = gaussian_floats(4 << 20, 161);
+  Bytes gz = gzip(data);
+  const size_t chunk = 64 << 10;
+  const uint64_t hold = 2 * chunk + 1000;  // the first bytes come last
+  auto d = make_parallel_gzip_decoder(2, chunk);
+  Bytes out;
+  auto sink = [&](const uint8_t* p, size_t n) { out.insert(out.end(), p, p + n); };
+  std::mt19937 rng(5);
+  Ranges r = ranges_for(chunk, rng);
+  std::vector<Span> held;
+  for (const Span& p : deliveries(gz.size(), r, rng)) {
+    uint64_t a = std::max<uint64_t>(p.off, hold), e = p.off + p.len;
+    if (p.off < hold) held.push_back({p.off, size_t(std::min<uint64_t>(e, hold) - p.off)});
+    if (e > a) d->feed_at(a, gz.data() + a, size_t(e - a), sink);
+  }
+  auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (parallel_gzip_stats(*d).chunks < 2 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  CHECK(parallel_gzip_stats(*d).chunks >= 2);  // decoding the later segments
+  CHECK(out.empty());                          // nothing before segment 0
+  CHECK(d->input_floor() == 0);
+  std::reverse(held.begin(), held.end());
+  for (const Span& p : held) d->feed_at(p.off, gz.data() + p.off, p.len, sink);
+  d->finish(sink);
+  REQUIRE(out == data);
+  CHECK(parallel_gzip_stats(*d).chunks_used >= 10);
+}
+
+TEST_CASE("pgzip: out of order (feed_at): abandoned mid-stream, and an out() that throws", "[pgzip]") {
+  Bytes data = gaussian_floats(6 << 20, 171);
+  Bytes gz = gzip(data);
+  const size_t chunk = 64 << 10;
+  for (double frac : {0.05, 0.3, 0.7, 0.99}) {
+    for (int threads : {2, 5}) {
+      std::mt19937 rng(uint32_t(frac * 100) + uint32_t(threads));
+      Ranges r = ranges_for(chunk, rng);
+      std::vector<Span> pieces = deliveries(gz.size(), r, rng);
+      auto d = make_parallel_gzip_decoder(threads, chunk);
+      auto sink = [](const uint8_t*, size_t) {};
+      for (size_t i = 0; i < size_t(double(pieces.size()) * frac); ++i)
+        d->feed_at(pieces[i].off, gz.data() + pieces[i].off, pieces[i].len, sink);
+      d.reset();  // jobs waiting for segments that never come: cancelled and joined
+    }
+  }
+  struct Stop {};
+  for (uint32_t seed : {1u, 2u, 3u}) {
+    auto d = make_parallel_gzip_decoder(2 + int(seed % 2), chunk);
+    size_t got = 0;
+    auto sink = [&](const uint8_t*, size_t n) {
+      got += n;
+      if (got > (1 << 20)) throw Stop();
+    };
+    std::mt19937 rng(seed);
+    Ranges r = ranges_for(chunk, rng);
+    bool stopped = false;
+    try {
+      for (const Span& p : deliveries(gz.size(), r, rng)) d->feed_at(p.off, gz.data() + p.off, p.len, sink);
+      d->finish(sink);
+    } catch (const Stop&) {
+      stopped = true;
+    }
+    CHECK(stopped);
+    d.reset();
+  }
 }

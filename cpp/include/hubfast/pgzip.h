@@ -10,6 +10,20 @@
 // the markers in order, emits the output in order and checks every member's
 // CRC32 and ISIZE. Streams below two chunks, or one thread, are decoded by
 // ISA-L in one stream.
+//
+// Out of order (feed_at, for parallel ranged requests; takes_offsets() is
+// true unless threads <= 1): a chunk job needs only its own chunk and the
+// ones after it, so a job starts as soon as its chunk is complete, even
+// while earlier ones are missing, and decoding overlaps the download. Output
+// is still in order on the calling thread. finish() refuses a stream with
+// gaps (kIntegrity); a byte given twice, or mixing feed() and feed_at(), is
+// kInvalid. The decoder holds what it is given; input_floor() (a multiple
+// of the chunk size) is where the bytes still needed begin. The caller must
+// be ready to feed at least 3 chunks and 4 MiB beyond it (two chunks start
+// the decoding; finding a block start decodes up to 4 MiB past it), and
+// when it holds everything back, call feed_at with n == 0: that hands out
+// the output ready (the decoder moves on only through its calls) and waits
+// for some when the oldest job can make it without more input.
 #pragma once
 #include <cstddef>
 #include <cstdint>
