@@ -612,6 +612,53 @@ def test_object_changed_during_parallel_download(server, big, cache_dir, monkeyp
 
 
 # ------------------------------------------------------------------------------------------
+# Segments to the decoder as they arrive (the parallel gzip decoder takes offsets)
+
+
+def test_segments_go_to_the_decoder_as_they_arrive(server, big, cache_dir, monkeypatch):
+    """The first segment request is held back for a second: the segments after it go to the
+    decoder meanwhile; the entry is byte-identical, the whole-object crc32c is checked from the
+    segments' CRCs, and the archive is served once."""
+    monkeypatch.setenv("HUBFAST_ADAPTIVE_CONNECTIONS", "0")
+    monkeypatch.setenv("HUBFAST_DECODE_THREADS", "2")
+    server.add_archive(HANDLE_PATH, big.gz, goog_hash="both")
+    server.inject(HANDLE_PATH, Fault.delay(0))  # the first request (segment 0) goes through
+    server.inject(HANDLE_PATH, Fault.delay(1.0))  # the next one waits
+    src = resolve_ok(server.url_for(HANDLE_PATH), big)
+    assert src["out_of_order"] == 1 and src["segments"] > 2, src
+    assert src["goog_hash_crc32c"] == 1, src
+    assert server.stats.path(HANDLE_PATH).body_bytes <= len(big.gz) + 17 * MiB
+
+
+@pytest.mark.parametrize("case", ["one-decoding-thread", "md5-only", "pinned-sha256"])
+def test_segments_keep_their_order_when_the_consumer_needs_it(server, big, cache_dir, monkeypatch,
+                                                              tmp_path, case):
+    """One decoding thread (ISA-L in one stream), an md5 (not combinable from ranges) and a
+    pinned sha256 (hashed in order) all need the bytes in order: segments keep it."""
+    monkeypatch.setenv("HUBFAST_DECODE_THREADS", "1" if case == "one-decoding-thread" else "2")
+    server.add_archive(HANDLE_PATH, big.gz, goog_hash="md5" if case == "md5-only" else "both")
+    handle = server.url_for(HANDLE_PATH)
+    if case == "pinned-sha256":
+        pins = tmp_path / "pins.txt"
+        pins.write_text(f"{handle} {hashlib.sha256(big.gz).hexdigest()}\n")
+        monkeypatch.setenv("HUBFAST_PINS", str(pins))
+    src = resolve_ok(handle, big)
+    assert src["segments"] > 1 and src["out_of_order"] == 0, src
+    if case == "md5-only":
+        assert src["goog_hash_md5"] == 1, src
+
+
+def test_flip_in_a_segment_delivered_out_of_order_is_caught(server, big, cache_dir, monkeypatch):
+    monkeypatch.setenv("HUBFAST_ADAPTIVE_CONNECTIONS", "0")
+    monkeypatch.setenv("HUBFAST_DECODE_THREADS", "2")
+    server.add_archive(HANDLE_PATH, big.gz, goog_hash="crc32c")
+    server.inject(HANDLE_PATH, Fault.delay(0))
+    server.inject(HANDLE_PATH, Fault.delay(0.5))  # segment 1 late: later ones go first
+    server.inject(HANDLE_PATH, Fault.flip(len(big.gz) // 2), times=30)
+    resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.IntegrityError)
+
+
+# ------------------------------------------------------------------------------------------
 # TLS
 
 

@@ -487,6 +487,7 @@ class Parallel {
   // connections help; a consumer that never waits gains nothing from more
   // connections but pays their CPU. Called from the consuming thread only.
   void allow_workers(int max_workers) { max_workers_ = max_workers; }
+  int workers() const { return int(threads_.size()); }
 
   // Doubles the connections (up to the allowed count) whenever the consumer
   // spent more than half of two windows of kGrowAfter in a row waiting (or
@@ -657,8 +658,11 @@ class Parallel {
   // consumer holds what it was given until it decodes it, within the ring
   // above its release point too.
   bool claimable_locked() const {
-    if (next_ >= head_ + ahead_) return false;
-    if (!floor_) return true;
+    if (!floor_) return next_ < head_ + ahead_;
+    // Out of order a segment's buffer is free once emitted: only the ring's
+    // slots bound how far past an unfinished segment others may run (a
+    // connection done early need not wait for the oldest).
+    if (next_ >= head_ + window_) return false;
     uint64_t f = floor_();
     return f == UINT64_MAX || segment_start(next_) < f + (ahead_ + 1) * seg_;
   }
@@ -1388,11 +1392,19 @@ void HttpSource::run(const EmitFn& emit, const CancelToken& cancel) {
   if (par_) {
     st_segments_.fetch_add(1);
     conn = Conn();  // its connection was cut mid-body; free it
-    if (!opt_.adaptive_connections) par_->add_workers(1);
+    const bool link_bound = !opt_.adaptive_connections || par_->workers() > 1;  // see below
+    // The first stream's connection is gone: a worker takes its place when
+    // there is no adaptive count, or when the count had already grown to
+    // all the others (the link needed every connection).
+    if (!opt_.adaptive_connections || par_->workers() >= opt_.connections - 1) par_->add_workers(1);
     par_->allow_workers(opt_.connections);
-    // Out of order when the consumer takes it; an md5 cannot be combined
-    // from ranges (crc32c can), so it keeps the order.
-    if (offset_sink_ && !md5_ && offset_sink_->accept()) {
+    // Out of order when the consumer takes it and the link is what it waits
+    // for (the adaptive count had to grow during segment 0, or connections
+    // are fixed): decoding then overlaps the transfer. A decoder that is the
+    // bottleneck gains nothing and pays for it (1 GiB .tar.gz on loopback,
+    // 2 cores: ~5% slower). An md5 cannot be combined from ranges (crc32c
+    // can), so it keeps the order.
+    if (offset_sink_ && !md5_ && link_bound && offset_sink_->accept()) {
       auto crcs = par_->consume_any(
           [this](uint64_t off, const uint8_t* p, size_t n) {
             emitted_ += n;
