@@ -148,6 +148,8 @@ T_ZST_LOCAL = "hubfast resolve (local .tar.zst file)"
 T_ZST_PIPE = "curl | zstd -dc | tar -x"
 T_ZSTD_DC = "zstd -dc > /dev/null (local file)"
 HANDLE_ZST = "/bench/zst/model.tar.zst"  # a direct archive URL, as a mirror would serve it
+HANDLE_ZST32 = "/bench/zst32/model.tar.zst"
+T_ZST32 = "hubfast resolve .tar.zst, 32 MiB frames (HTTP)"
 
 
 def md_rows(rows: List[Dict]) -> List[Dict]:
@@ -265,11 +267,14 @@ def report_uncapped(rows: List[Dict], size: int, gz: Path, runs: int) -> str:
 def rss_part(size: int, runs: int) -> Tuple[List[Dict], str]:
     """Peak RSS of a process resolving a large model over HTTP (target: < 256 MiB above its
     baseline, the interpreter with hubfast imported), .tar.gz and .tar.zst."""
-    gz, zst = common.archive(size, "gz"), common.archive(size, "zst")
+    gz, zst, zst32 = common.archive(size, "gz"), common.archive(size, "zst"), common.archive(size, "zst32")
     srv = serve(gz, zst=zst)
+    srv.add_archive(HANDLE_ZST32, str(zst32), goog_hash="both")
+    srv.precompute_digests(HANDLE_ZST32)
     rows = []
     try:
-        for name, url in ((T_HUBFAST, srv.url_for(HANDLE)), (T_ZST, srv.url_for(HANDLE_ZST))):
+        for name, url in ((T_HUBFAST, srv.url_for(HANDLE)), (T_ZST, srv.url_for(HANDLE_ZST)),
+                          (T_ZST32, srv.url_for(HANDLE_ZST32))):
             r = dict(measure_child(child(HUBFAST_CHILD, url), runs), tool=name, size_mib=size,
                      part="rss")
             rows.append(r)
@@ -277,11 +282,12 @@ def rss_part(size: int, runs: int) -> Tuple[List[Dict], str]:
             print(f"      peak RSS growth {r['rss_growth_mib']:.0f} MiB", flush=True)
     finally:
         srv.close()
-    worst = max(r["rss_growth_mib"] for r in rows)
+    worst = max(r["rss_growth_mib"] for r in rows[:2])
     text = (f"### Peak RSS resolving a {size} MiB model over HTTP ({runs} runs each)\n\n"
             + "\n".join(f"- {r['tool']}: {r['median']:.2f} s, peak RSS growth {r['rss_growth_mib']:.0f} MiB "
                          f"(largest of the runs)" for r in rows)
-            + f"\n- target < 256 MiB above the baseline: {verdict(worst < 256)}\n")
+            + f"\n- target < 256 MiB above the baseline: {verdict(worst < 256)} (`hubfast pack`'s 8 MiB "
+              f"frames; 32 MiB frames: {verdict(rows[-1]['rss_growth_mib'] < 256)})\n")
     return rows, text
 
 

@@ -31,14 +31,19 @@ def model_dir(size_mib: int) -> Path:
 
 
 def archive(size_mib: int, kind: str) -> Path:
-    """kind: 'gz' (single-member gzip -6, like tfhub.dev) or 'zst' (multi-frame, 32 MiB frames)."""
+    """kind: 'gz' (single-member gzip -6, like tfhub.dev), 'zst' (multi-frame, `hubfast pack`'s
+    default 8 MiB frames) or 'zst32' (32 MiB frames: the decoder's memory with large frames)."""
     from hubfast.testing import models
 
-    out = WORK / f"model-{size_mib}m.tar.{kind}"
+    name = f"model-{size_mib}m.tar.zst" if kind == "zst32" else (
+        f"model-{size_mib}m.f8.tar.zst" if kind == "zst" else f"model-{size_mib}m.tar.{kind}")
+    out = WORK / name
     if not out.exists():
         src = model_dir(size_mib)
-        if kind == "zst":
+        if kind == "zst32":
             models.pack_tar(str(src), str(out), "zst", zstd_frame_size=32 << 20)
+        elif kind == "zst":
+            models.pack_tar(str(src), str(out), "zst")
         else:
             models.pack_tar(str(src), str(out), kind)
     return out
