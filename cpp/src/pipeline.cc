@@ -21,45 +21,19 @@ double since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-// Collects bytes into chunks of about `chunk` bytes before queueing them, so
-// that small network reads do not become many queue hand-offs.
-class Chunker {
- public:
-  Chunker(BoundedQueue<Bytes>& q, size_t chunk) : q_(q), chunk_(chunk) {}
-  void put(const uint8_t* p, size_t n) {
-    while (n > 0) {
-      if (buf_.capacity() < chunk_) buf_.reserve(chunk_);
-      size_t take = std::min(n, chunk_ - buf_.size());
-      buf_.insert(buf_.end(), p, p + take);
-      p += take;
-      n -= take;
-      if (buf_.size() == chunk_) flush();
-    }
-  }
-  void flush() {
-    if (buf_.empty()) return;
-    if (!q_.push(std::move(buf_))) throw Error(ErrorKind::kCancelled, "pipeline stopped");
-    buf_ = Bytes();
-  }
-
- private:
-  BoundedQueue<Bytes>& q_;
-  size_t chunk_;
-  Bytes buf_;
-};
-
-// Compressed bytes and where they sit in the stream (sources that fetch
-// ranges in parallel may deliver them out of order).
-struct InChunk {
+// Bytes and where they sit in the stream (sources that fetch ranges in
+// parallel may deliver compressed bytes out of order).
+struct Chunk {
   uint64_t offset = 0;
   Bytes bytes;
 };
 
-// Chunker for the compressed side: contiguous bytes are gathered into one
-// chunk; a piece at another offset starts a new one.
-class InChunker {
+// Collects bytes into chunks of about `chunk` bytes before queueing them, so
+// that small network reads do not become many queue hand-offs; a piece at
+// another offset than the end of the current chunk starts a new one.
+class Chunker {
  public:
-  InChunker(BoundedQueue<InChunk>& q, size_t chunk) : q_(q), chunk_(chunk) {}
+  Chunker(BoundedQueue<Chunk>& q, size_t chunk) : q_(q), chunk_(chunk) {}
   void put(const uint8_t* p, size_t n) { put_at(next_, p, n); }
   void put_at(uint64_t off, const uint8_t* p, size_t n) {
     if (off != buf_.offset + buf_.bytes.size()) {
@@ -80,14 +54,14 @@ class InChunker {
     if (buf_.bytes.empty()) return;
     uint64_t end = buf_.offset + buf_.bytes.size();
     if (!q_.push(std::move(buf_))) throw Error(ErrorKind::kCancelled, "pipeline stopped");
-    buf_ = InChunk();
+    buf_ = Chunk();
     buf_.offset = end;
   }
 
  private:
-  BoundedQueue<InChunk>& q_;
+  BoundedQueue<Chunk>& q_;
   size_t chunk_;
-  InChunk buf_;
+  Chunk buf_;
   uint64_t next_ = 0;
 };
 
@@ -137,8 +111,7 @@ class FirstError {
 }  // namespace
 
 ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, const PollFn& poll) {
-  BoundedQueue<InChunk> compressed(opt.queue_chunks);
-  BoundedQueue<Bytes> decoded(opt.queue_chunks);
+  BoundedQueue<Chunk> compressed(opt.queue_chunks), decoded(opt.queue_chunks);
   Decision decision;
   std::atomic<uint64_t> input_floor{0};  // the decoder's, for the source's window
   CancelToken cancel;
@@ -166,7 +139,7 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
     try {
       std::unique_ptr<Digest> sha;
       if (!opt.expected_sha256.empty()) sha = std::make_unique<Digest>(DigestAlgo::kSha256);
-      InChunker out(compressed, opt.chunk_bytes);
+      Chunker out(compressed, opt.chunk_bytes);
       struct Probe {  // the queue dies with extract(); the source may not
         Source& s;
         ~Probe() {
@@ -175,7 +148,6 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
         }
       } probe{src};
       src.set_consumer_wait([&compressed] { return compressed.wait_seconds(); });
-      // A pinned sha256 needs the bytes in order.
       Source::OffsetSink offsets{
           [&] {
             out.flush();
@@ -186,7 +158,7 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
             out.put_at(off, p, n);
           },
           [&] { return input_floor.load(std::memory_order_relaxed); }};
-      if (!sha) src.set_offset_sink(&offsets);
+      if (!sha) src.set_offset_sink(&offsets);  // a pinned sha256 needs the bytes in order
       src.run(
           [&](const uint8_t* p, size_t n) {
             if (sha) sha->update(p, n);
@@ -249,7 +221,6 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
         }
         busy += since(t);
       }
-      input_floor.store(UINT64_MAX, std::memory_order_relaxed);
       if (cancel.cancelled()) throw Error(ErrorKind::kCancelled, "cancelled");
       if (!any) throw Error(ErrorKind::kIntegrity, "archive '" + src.describe() + "' is empty");
       dec->finish(emit);
@@ -273,7 +244,7 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
       TarReader tar(dir, opt.limits);
       while (auto chunk = decoded.pop()) {
         auto t = Clock::now();
-        tar.feed(chunk->data(), chunk->size());
+        tar.feed(chunk->bytes.data(), chunk->bytes.size());
         bytes_out.store(dir.bytes(), std::memory_order_relaxed);
         busy += since(t);
       }
