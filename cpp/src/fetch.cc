@@ -464,6 +464,7 @@ class Parallel {
     return i <= full_ ? std::min(total_, i * seg_) : std::min(total_, full_ * seg_ + (i - full_) * half_);
   }
   uint64_t segment_end(uint64_t i) const { return segment_start(i + 1); }
+  uint64_t segment_len(uint64_t i) const { return segment_end(i) - segment_start(i); }
   bool failed() const { return failed_.load(std::memory_order_relaxed); }
   std::exception_ptr error() {
     std::lock_guard<std::mutex> lk(mu_);
@@ -491,9 +492,9 @@ class Parallel {
 
   // Doubles the connections (up to the allowed count) whenever the consumer
   // spent more than half of two windows of kGrowAfter in a row waiting (or
-  // nine tenths of one), so a slow
-  // link reaches the full count in a few steps while a fast one, whose
-  // consumer waits only briefly between chunks, keeps its two. The wait is
+  // nine tenths of one), so a slow link reaches the full count in a few
+  // steps while a fast one, whose consumer waits only briefly between
+  // chunks, keeps its two. The wait is
   // the pipeline's (its decoder on an empty queue) when it measures it, else
   // this thread's own wait for segments. Windows start at the first
   // response: time to the first byte is latency, not a slow link. Consuming
@@ -520,7 +521,7 @@ class Parallel {
   void consume(const std::function<void(const uint8_t*, size_t)>& sink) {
     for (uint64_t i = 1; i < nseg_; ++i) {
       Slot& s = slots_[i % window_];
-      uint64_t len = segment_end(i) - segment_start(i), done = 0;
+      uint64_t len = segment_len(i), done = 0;
       while (done < len) {
         uint64_t avail = 0;
         {
@@ -616,11 +617,10 @@ class Parallel {
         std::lock_guard<std::mutex> lk(mu_);
         Slot& s = slots_[r.seg % window_];
         s.emitted = r.to;
-        if (r.to == segment_end(r.seg) - segment_start(r.seg)) {
-          s.finished = true;
+        if (r.to == segment_len(r.seg)) {
           if (s.buf) spare_.push_back(std::move(s.buf));
           while (head_ < nseg_ && head_ < next_ && slots_[head_ % window_].owner == int64_t(head_) &&
-                 slots_[head_ % window_].finished)
+                 slots_[head_ % window_].emitted == segment_len(head_))
             ++head_;
           work_cv_.notify_all();
         }
@@ -651,7 +651,6 @@ class Parallel {
     int64_t owner = -1;   // segment held
     uint64_t filled = 0;  // bytes of it received (guarded by mu_)
     uint64_t emitted = 0;  // consume_any(): bytes of it emitted
-    bool finished = false;  // consume_any(): all of it emitted
   };
 
   // A segment may be claimed: within the ring above the head and, when the
@@ -683,7 +682,6 @@ class Parallel {
           s->owner = int64_t(i);
           s->filled = 0;
           s->emitted = 0;
-          s->finished = false;
           if (!s->buf && !spare_.empty()) {
             s->buf = std::move(spare_.back());
             spare_.pop_back();
@@ -1412,7 +1410,7 @@ void HttpSource::run(const EmitFn& emit, const CancelToken& cancel) {
           },
           offset_sink_->floor);
       for (uint64_t i = 1; i < crcs.size(); ++i)
-        crc_ = crc32c_combine(crc_, crcs[i], par_->segment_end(i) - par_->segment_start(i));
+        crc_ = crc32c_combine(crc_, crcs[i], par_->segment_len(i));
       st_any_order_.store(true);
     } else {
       par_->consume([this](const uint8_t* p, size_t n) { sink_direct(p, n); });
