@@ -73,15 +73,18 @@ Bytes deflate_gzip(const uint8_t* p, size_t n, int level, int strategy) {
   return out;
 }
 
-// Decodes with `d`; false on a refusal (which must be kIntegrity).
-bool decode(hubfast::Decoder& d, const Bytes& in, size_t step, Bytes* out) {
+// Runs `feed_all(sink)` and finish() on `d`; false on a refusal (which must
+// be kIntegrity). Output over 64 MiB counts as a refusal (bombs: not
+// interesting).
+template <class Feed>
+bool run(hubfast::Decoder& d, Bytes* out, const Feed& feed_all) {
   out->clear();
-  auto sink = [&](const uint8_t* p, size_t n) {
+  hubfast::OutFn sink = [&](const uint8_t* p, size_t n) {
     out->insert(out->end(), p, p + n);
     if (out->size() > (64u << 20)) throw hubfast::Error(hubfast::ErrorKind::kLimit, "too large");
   };
   try {
-    for (size_t pos = 0; pos < in.size(); pos += step) d.feed(in.data() + pos, std::min(step, in.size() - pos), sink);
+    feed_all(sink);
     d.finish(sink);
   } catch (const hubfast::Error& e) {
     if (e.kind() == hubfast::ErrorKind::kLimit) return false;
@@ -91,14 +94,16 @@ bool decode(hubfast::Decoder& d, const Bytes& in, size_t step, Bytes* out) {
   return true;
 }
 
+// Decodes with `d`, fed in order in pieces of `step`.
+bool decode(hubfast::Decoder& d, const Bytes& in, size_t step, Bytes* out) {
+  return run(d, out, [&](const hubfast::OutFn& sink) {
+    for (size_t pos = 0; pos < in.size(); pos += step) d.feed(in.data() + pos, std::min(step, in.size() - pos), sink);
+  });
+}
+
 // The same through feed_at: ranges cut and ordered by `seed`, `conns` of
 // them open at once, their pieces interleaved.
 bool decode_at(hubfast::Decoder& d, const Bytes& in, uint32_t seed, size_t chunk, Bytes* out) {
-  out->clear();
-  auto sink = [&](const uint8_t* p, size_t n) {
-    out->insert(out->end(), p, p + n);
-    if (out->size() > (64u << 20)) throw hubfast::Error(hubfast::ErrorKind::kLimit, "too large");
-  };
   std::mt19937 rng(seed);
   struct Span {
     size_t off, len;
@@ -112,7 +117,7 @@ bool decode_at(hubfast::Decoder& d, const Bytes& in, uint32_t seed, size_t chunk
   }
   std::shuffle(ranges.begin(), ranges.end(), rng);
   const size_t conns = 1 + rng() % 4, max_piece = 1 + rng() % chunk;
-  try {
+  return run(d, out, [&](const hubfast::OutFn& sink) {
     size_t next = 0;
     for (;;) {
       while (open.size() < conns && next < ranges.size()) open.push_back(ranges[next++]);
@@ -126,13 +131,7 @@ bool decode_at(hubfast::Decoder& d, const Bytes& in, uint32_t seed, size_t chunk
       if (s.len == 0) open.erase(open.begin() + long(c));
       if (rng() % 8 == 0) d.feed_at(0, nullptr, 0, sink);
     }
-    d.finish(sink);
-  } catch (const hubfast::Error& e) {
-    if (e.kind() == hubfast::ErrorKind::kLimit) return false;
-    if (e.kind() != hubfast::ErrorKind::kIntegrity) std::abort();
-    return false;
-  }
-  return true;
+  });
 }
 
 }  // namespace
