@@ -973,6 +973,33 @@ def test_ctrl_c_interrupts_promptly(small, big, cache_dir, phase):
 
 
 @pytest.fixture(scope="module")
+def mid(tmp_path_factory) -> Archive:
+    """~24 MiB .tar.gz, stored (level 0): decodes far faster than the capped links below."""
+    return Archive(tmp_path_factory.mktemp("mid"), 24 * MiB, gzip_level=0)
+
+
+@pytest.mark.parametrize("link", ["per-connection", "shared"])
+def test_connections_stop_growing_when_more_bring_no_more_bytes(mid, cache_dir, monkeypatch, link):
+    """The decoder waits on both links, but only a per-connection cap pays for more
+    connections: on a link shared by all of them (12 MiB/s in all) the doubling that brought
+    no more bytes is the last one, where a per-connection cap (3 MiB/s each) goes on to 8."""
+    monkeypatch.setenv("HUBFAST_MIN_PARALLEL_BYTES", str(4 * MiB))  # 2 MiB segments
+    monkeypatch.setenv("HUBFAST_CONNECTIONS", "8")
+    caps = {"bandwidth": 3 * MiB} if link == "per-connection" else {"total_bandwidth": 12 * MiB}
+    with TFHubServer(**caps) as srv:
+        srv.add_archive(HANDLE_PATH, mid.gz)
+        path = hubfast.resolve(srv.url_for(HANDLE_PATH))
+        served = srv.stats.path(HANDLE_PATH).body_bytes
+    src = hubfast.last_stats()["source"]
+    assert tree_digest(path) == mid.digest
+    assert served < len(mid.gz) * 1.2  # the segments were not fetched twice
+    if link == "per-connection":
+        assert src["connections"] >= 6, src
+    else:  # the first stream and one worker, doubled once to two workers; never eight
+        assert 2 <= src["connections"] <= 4, src
+
+
+@pytest.fixture(scope="module")
 def slow_decoding(tmp_path_factory) -> Tuple[Path, Dict]:
     """~16 MiB .tar.bz2 of random bytes: bzip2 decodes it far slower than loopback sends it."""
     d = tmp_path_factory.mktemp("bz")

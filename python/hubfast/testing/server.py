@@ -825,6 +825,25 @@ class _Throttle:
             raise _Abort()
 
 
+class _SharedThrottle(_Throttle):
+    """One token bucket for every connection: a link of ``rate`` bytes/s in all (each
+    connection pays for its bytes in turn and waits for its own debt)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        super().__init__(rate, burst)
+        self._lock = threading.Lock()
+
+    def consume(self, n: int, stop: threading.Event) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            self.tokens -= n
+            debt = -self.tokens
+        if debt > 0 and stop.wait(debt / self.rate):
+            raise _Abort()
+
+
 _MODEL_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title></head>
 <body><h1>{title}</h1>
@@ -863,6 +882,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._throttle: Optional[_Throttle] = None
         if hub.bandwidth:
             self._throttle = _Throttle(hub.bandwidth, _Throttle.slice_for(hub.bandwidth))
+        elif hub._link is not None:
+            self._throttle = hub._link
 
     def version_string(self) -> str:
         return self.server_version
@@ -1284,6 +1305,8 @@ class TFHubServer:
     ``tls``: ``(certfile, keyfile)``, an ``ssl.SSLContext``, ``True`` (a throw-away CA and
     certificate are generated; the CA is at ``.ca_cert``) or ``None`` for plain HTTP.
     ``bandwidth``: per-connection cap in bytes/s (token bucket, 64 KiB slices).
+    ``total_bandwidth``: a cap in bytes/s on all connections together (a slow link, where
+    more connections bring no more bytes); not with ``bandwidth``.
     ``timeout``: every socket read and write gives up after this many seconds.
     """
 
@@ -1295,10 +1318,15 @@ class TFHubServer:
         bandwidth: Optional[float] = None,
         *,
         timeout: float = 30.0,
+        total_bandwidth: Optional[float] = None,
     ) -> None:
+        if bandwidth and total_bandwidth:
+            raise ValueError("bandwidth (per connection) and total_bandwidth are exclusive")
         self.host = host
         self.port = port
         self.bandwidth = float(bandwidth) if bandwidth else None
+        self._link = (_SharedThrottle(total_bandwidth, _Throttle.slice_for(total_bandwidth))
+                      if total_bandwidth else None)
         self.timeout = float(timeout)
         self.ca_cert: Optional[str] = None
         self._tmpdir: Optional[str] = None
