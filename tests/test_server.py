@@ -635,6 +635,36 @@ def test_bandwidth_cap() -> None:
     assert 0.2 <= elapsed < 3
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_total_bandwidth_is_shared_by_all_connections(tmp_path, shared: bool) -> None:
+    """Two concurrent downloads of 2 MiB from a file (the sendfile path): a 4 MiB/s cap per
+    connection lets both finish in ~0.5 s; 4 MiB/s for the whole link takes ~1 s."""
+    blob = os.urandom(2 << 20)
+    f = tmp_path / "m.tar.gz"
+    f.write_bytes(blob)
+    caps = {"total_bandwidth": 4 << 20} if shared else {"bandwidth": 4 << 20}
+    with TFHubServer(**caps) as server:
+        server.add_archive(MODEL, str(f))
+        bodies: List[bytes] = []
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=lambda: bodies.append(request(server, MODEL)[1])) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        elapsed = time.monotonic() - t0
+    assert bodies == [blob, blob]
+    if shared:
+        assert 0.85 <= elapsed < 5, elapsed
+    else:
+        assert 0.4 <= elapsed < 0.8, elapsed
+
+
+def test_bandwidth_and_total_bandwidth_are_exclusive() -> None:
+    with pytest.raises(ValueError):
+        TFHubServer(bandwidth=1e6, total_bandwidth=1e6)
+
+
 # --- packaging and CLI ----------------------------------------------------------------------
 
 

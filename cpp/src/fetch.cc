@@ -506,17 +506,24 @@ class Parallel {
   // bytes, only more threads and copies (1 GiB .tar.zst on loopback, 2 cores:
   // 2 connections 1.14 s, grown to 4-8 1.48 s). So each doubling after the
   // first must have paid: the rate of a starved run is compared with the
-  // rate of the run that led to the last doubling, measured only once every
-  // connection has delivered (a new one's handshake and slow start are not
-  // counted against it) and one window later; without a 25% gain the count
-  // stays where it is.
+  // rate of the run that led to the last doubling, measured in windows that
+  // begin once every connection has delivered (a new one's handshake is not
+  // counted against it); without a 25% gain the count stays where it is.
   void grow_if_starved() {
     if (int(threads_.size()) >= max_workers_) return;
     auto now = Clock::now();
+    uint64_t bytes = src_.st_bytes_.load(std::memory_order_relaxed);
+    if (settling_) {  // after a doubling: a new window once every connection delivers
+      if (delivering_.load(std::memory_order_relaxed) < threads_.size()) return;
+      settling_ = false;
+      window_start_ = now;
+      waited_at_window_ = this->waited();
+      bytes_at_window_ = bytes;
+      return;
+    }
     auto wall = now - window_start_;
     if (wall < kGrowAfter) return;
     auto waited = this->waited();
-    uint64_t bytes = src_.st_bytes_.load(std::memory_order_relaxed);
     bool starved = (waited - waited_at_window_) * 2 > wall;
     // Waiting nine tenths of a window is no blip: it counts for two.
     bool famished = (waited - waited_at_window_) * 10 > wall * 9;
@@ -524,11 +531,6 @@ class Parallel {
     window_start_ = now;
     waited_at_window_ = waited;
     bytes_at_window_ = bytes;
-    if (settling_) {  // after a doubling: until every connection delivers, then one window more
-      if (delivering_.load(std::memory_order_relaxed) >= threads_.size()) settling_ = false;
-      starved_windows_ = 0;
-      return;
-    }
     starved_windows_ = famished ? starved_windows_ + 2 : starved ? starved_windows_ + 1 : 0;
     if (starved_windows_ == 0) {
       run_bytes_ = 0;
@@ -537,7 +539,9 @@ class Parallel {
     }
     run_bytes_ += window_bytes;
     run_wall_ += wall;
-    if (starved_windows_ < kStarvedWindows) return;
+    // Once the link has shown itself slow, the rate check guards each further
+    // doubling: one starved window is enough.
+    if (starved_windows_ < (rate_at_growth_ > 0 ? 1 : kStarvedWindows)) return;
     starved_windows_ = 0;
     double rate = double(run_bytes_) / std::chrono::duration<double>(run_wall_).count();
     run_bytes_ = 0;
@@ -549,6 +553,7 @@ class Parallel {
     }
     rate_at_growth_ = rate;
     settling_ = true;
+    starved_windows_ = 0;
     add_workers(std::min(max_workers_ - n, std::max(1, n)));
   }
 
@@ -1484,3 +1489,4 @@ std::unique_ptr<Source> make_http_source(const FetchOptions& opt) {
 }
 
 }  // namespace hubfast
+
