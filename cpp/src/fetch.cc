@@ -488,7 +488,9 @@ class Parallel {
   // waiting for bytes means the transfer is the bottleneck, so more
   // connections help; a consumer that never waits gains nothing from more
   // connections but pays their CPU. Called from the consuming thread only.
-  void allow_workers(int max_workers) { max_workers_ = max_workers; }
+  // A count frozen by the rate check stays frozen (the first stream's end
+  // raises the limit otherwise).
+  void allow_workers(int max_workers) { max_workers_ = frozen_ ? std::min(max_workers, max_workers_) : max_workers; }
   int workers() const { return int(threads_.size()); }
 
   // Doubles the connections (up to the allowed count) whenever the consumer
@@ -549,6 +551,7 @@ class Parallel {
     int n = int(threads_.size());
     if (rate_at_growth_ > 0 && rate < rate_at_growth_ * 1.25) {
       max_workers_ = n;  // the last doubling brought no more bytes
+      frozen_ = true;
       return;
     }
     rate_at_growth_ = rate;
@@ -801,6 +804,7 @@ class Parallel {
   Clock::duration run_wall_{};
   double rate_at_growth_ = 0;  // bytes/s of the run that led to the last doubling
   bool settling_ = false;  // a doubling's connections are not all delivering yet
+  bool frozen_ = false;  // a doubling did not pay: no more growth
   std::atomic<size_t> delivering_{0};  // workers that have received body bytes
   static constexpr int kStarvedWindows = 2;  // a blip of waiting is no slow link
   std::chrono::nanoseconds waited_at_window_{0};
