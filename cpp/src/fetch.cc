@@ -38,6 +38,7 @@
 //    counting time the consumer kept us blocked in emit). Waits poll every
 //    100 ms and backoff sleeps in 50 ms slices, so cancellation is prompt.
 #include "hubfast/fetch.h"
+#include "hubfast/growth.h"
 
 #include <curl/curl.h>
 
@@ -446,9 +447,9 @@ class Parallel {
         nseg_(full_ + (total - full_ * seg + half_ - 1) / half_),
         window_(window), slots_(window), probe_(std::move(probe)) {
     halted_ = [this] { return cancel_.cancelled() || halt_.load(std::memory_order_relaxed); };
-    window_start_ = Clock::now();
-    bytes_at_window_ = src_.st_bytes_.load();
-    waited_at_window_ = waited();
+    GrowthSample s = sample();
+    read_cpu(s);
+    policy_.begin(s);
   }
   ~Parallel() { stop(); }
   Parallel(const Parallel&) = delete;
@@ -484,80 +485,21 @@ class Parallel {
     work_cv_.notify_all();
   }
 
-  // Connections grow with need: the consumer (decoder and writer behind it)
-  // waiting for bytes means the transfer is the bottleneck, so more
-  // connections help; a consumer that never waits gains nothing from more
-  // connections but pays their CPU. Called from the consuming thread only.
-  // A count frozen by the rate check stays frozen (the first stream's end
-  // raises the limit otherwise).
-  void allow_workers(int max_workers) { max_workers_ = frozen_ ? std::min(max_workers, max_workers_) : max_workers; }
+  // Connections grow with need (GrowthPolicy): the consumer (decoder and
+  // writer behind it) waiting for bytes means the transfer is the
+  // bottleneck; a consumer that never waits gains nothing from more
+  // connections but pays their CPU. The wait is the pipeline's (its decoder
+  // on an empty queue) when it measures it, else this thread's own wait for
+  // segments. Consuming thread only, during segment 0 too.
+  void allow_workers(int max_workers) { policy_.allow(max_workers); }
   int workers() const { return int(threads_.size()); }
 
-  // Doubles the connections (up to the allowed count) whenever the consumer
-  // spent more than half of two windows of kGrowAfter in a row waiting (or
-  // nine tenths of one), so a slow link reaches the full count in a few
-  // steps while a fast one, whose consumer waits only briefly between
-  // chunks, keeps its two. The wait is
-  // the pipeline's (its decoder on an empty queue) when it measures it, else
-  // this thread's own wait for segments. Windows start at the first
-  // response: time to the first byte is latency, not a slow link. Consuming
-  // thread only, during segment 0 too.
-  //
-  // A consumer also waits when the machine's cores are all busy (decoding,
-  // writing, the receive path itself): more connections then bring no more
-  // bytes, only more threads and copies (1 GiB .tar.zst on loopback, 2 cores:
-  // 2 connections 1.14 s, grown to 4-8 1.48 s). So each doubling after the
-  // first must have paid: the rate of a starved run is compared with the
-  // rate of the run that led to the last doubling, measured in windows that
-  // begin once every connection has delivered (a new one's handshake is not
-  // counted against it); without a 25% gain the count stays where it is.
   void grow_if_starved() {
-    if (int(threads_.size()) >= max_workers_) return;
-    auto now = Clock::now();
-    uint64_t bytes = src_.st_bytes_.load(std::memory_order_relaxed);
-    if (settling_) {  // after a doubling: a new window once every connection delivers
-      if (delivering_.load(std::memory_order_relaxed) < threads_.size()) return;
-      settling_ = false;
-      window_start_ = now;
-      waited_at_window_ = this->waited();
-      bytes_at_window_ = bytes;
-      return;
-    }
-    auto wall = now - window_start_;
-    if (wall < kGrowAfter) return;
-    auto waited = this->waited();
-    bool starved = (waited - waited_at_window_) * 2 > wall;
-    // Waiting nine tenths of a window is no blip: it counts for two.
-    bool famished = (waited - waited_at_window_) * 10 > wall * 9;
-    uint64_t window_bytes = bytes - bytes_at_window_;
-    window_start_ = now;
-    waited_at_window_ = waited;
-    bytes_at_window_ = bytes;
-    starved_windows_ = famished ? starved_windows_ + 2 : starved ? starved_windows_ + 1 : 0;
-    if (starved_windows_ == 0) {
-      run_bytes_ = 0;
-      run_wall_ = Clock::duration::zero();
-      return;
-    }
-    run_bytes_ += window_bytes;
-    run_wall_ += wall;
-    // Once the link has shown itself slow, the rate check guards each further
-    // doubling: one starved window is enough.
-    if (starved_windows_ < (rate_at_growth_ > 0 ? 1 : kStarvedWindows)) return;
-    starved_windows_ = 0;
-    double rate = double(run_bytes_) / std::chrono::duration<double>(run_wall_).count();
-    run_bytes_ = 0;
-    run_wall_ = Clock::duration::zero();
-    int n = int(threads_.size());
-    if (rate_at_growth_ > 0 && rate < rate_at_growth_ * 1.25) {
-      max_workers_ = n;  // the last doubling brought no more bytes
-      frozen_ = true;
-      return;
-    }
-    rate_at_growth_ = rate;
-    settling_ = true;
-    starved_windows_ = 0;
-    add_workers(std::min(max_workers_ - n, std::max(1, n)));
+    if (int(threads_.size()) >= policy_.limit()) return;
+    GrowthSample s = sample();
+    if (policy_.due(s.t)) read_cpu(s);  // /proc/stat at most once a window
+    int add = policy_.step(s, int(threads_.size()), int(settled_.load(std::memory_order_relaxed)));
+    if (add > 0) add_workers(add);
   }
 
   // Emits segments 1.. in order through `sink` (segment 0 went out directly).
@@ -712,7 +654,7 @@ class Parallel {
   void worker() {
     try {
       Conn conn = src_.make_conn();
-      bool delivered = false;  // this connection has received body bytes
+      uint64_t received = 0;  // by this connection, up to GrowthPolicy::kSettleBytes
       for (;;) {
         uint64_t i;
         Slot* s;
@@ -739,10 +681,8 @@ class Parallel {
         uint8_t* buf = s->buf.get();
         const uint64_t len = t.end - t.pos;
         t.sink = [&, base, buf, i, len](uint64_t off, const uint8_t* p, size_t n) {
-          if (!delivered) {
-            delivered = true;
-            delivering_.fetch_add(1, std::memory_order_relaxed);
-          }
+          if (received < GrowthPolicy::kSettleBytes && (received += n) >= GrowthPolicy::kSettleBytes)
+            settled_.fetch_add(1, std::memory_order_relaxed);
           std::memcpy(buf + (off - base), p, n);
           std::lock_guard<std::mutex> lk(mu_);
           s->filled = off - base + n;
@@ -794,21 +734,19 @@ class Parallel {
     if (probe_) return std::chrono::nanoseconds(int64_t(probe_() * 1e9));
     return own_wait_;
   }
-  int max_workers_ = 0;  // consumer thread only, like the three below
+  GrowthSample sample() const {
+    GrowthSample s;
+    s.t = std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
+    s.bytes = src_.st_bytes_.load(std::memory_order_relaxed);
+    s.waited = std::chrono::duration<double>(waited()).count();
+    return s;
+  }
   std::function<double()> probe_;  // the pipeline's consumer wait (s), if measured
   std::chrono::nanoseconds own_wait_{0};  // this thread's wait for segments
-  Clock::time_point window_start_;
-  int starved_windows_ = 0;  // in a row
-  uint64_t bytes_at_window_ = 0;  // bytes received when the window began
-  uint64_t run_bytes_ = 0;  // received during this run of starved windows
-  Clock::duration run_wall_{};
-  double rate_at_growth_ = 0;  // bytes/s of the run that led to the last doubling
-  bool settling_ = false;  // a doubling's connections are not all delivering yet
-  bool frozen_ = false;  // a doubling did not pay: no more growth
-  std::atomic<size_t> delivering_{0};  // workers that have received body bytes
-  static constexpr int kStarvedWindows = 2;  // a blip of waiting is no slow link
-  std::chrono::nanoseconds waited_at_window_{0};
-  static constexpr std::chrono::milliseconds kGrowAfter{20};
+  GrowthPolicy policy_{usable_cores()};  // consumer thread only
+  std::atomic<size_t> settled_{0};  // workers that have received GrowthPolicy::kSettleBytes
+  // Timed waits wake the consumer at least once a growth window.
+  static constexpr std::chrono::milliseconds kGrowAfter{int(GrowthPolicy::kWindow * 1000)};
   static constexpr uint64_t kWakeBytes = 1 * kMiB;
   bool stopping_ = false;
   std::exception_ptr error_;

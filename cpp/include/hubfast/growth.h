@@ -1,0 +1,81 @@
+// When a parallel download opens more connections: the policy on its own,
+// fed cumulative readings, so that it is tested with synthetic ones.
+#pragma once
+
+#include <cstdint>
+
+namespace hubfast {
+
+// Cumulative readings taken by the consuming thread; the policy compares
+// them across windows.
+struct GrowthSample {
+  double t = 0;        // seconds on a monotonic clock
+  uint64_t bytes = 0;  // body bytes received by all connections
+  double waited = 0;   // seconds the consumer has spent waiting for bytes
+  double cpu = 0;      // CPU seconds used by this process
+  double busy = 0;     // the machine's non-idle CPU seconds (0 with `all` when unknown)
+  double all = 0;      // the machine's CPU seconds
+};
+
+// Fills cpu, busy and all from the process's clock and /proc/stat.
+void read_cpu(GrowthSample& s);
+
+// CPUs this process may use: its affinity mask, bounded by a cgroup v2 quota.
+double usable_cores();
+
+// Doubles the connections whenever the consumer spent more than half of two
+// windows in a row waiting for bytes (or nine tenths of one), so a slow link
+// reaches the full count in a few steps while a fast one, whose consumer
+// waits only briefly between chunks, keeps its two.
+//
+// A consumer also waits when the machine's cores are all busy (decoding,
+// writing, the receive path itself): more connections then bring no more
+// bytes, only more threads and copies (1 GiB .tar.zst on loopback, 2 cores:
+// 2 connections 1.14 s, grown to 4-8 1.48 s). So after the first doubling
+// each further one is measured: once every connection has received
+// kSettleBytes (a new one's handshake and slow start are not counted against
+// it), a starved window's rate is compared with the rate that led to the last
+// doubling. Growth stops when the gain is under 25% *and* the CPUs were busy;
+// with idle CPUs a small gain is a link still ramping up (TCP slow start on a
+// long round trip), so growth goes on.
+class GrowthPolicy {
+ public:
+  static constexpr double kWindow = 0.020;         // seconds
+  static constexpr uint64_t kSettleBytes = 256 * 1024;
+  static constexpr double kGain = 1.25;            // a doubling must bring this much
+  static constexpr double kBusyProcess = 0.6;      // of the usable cores
+  static constexpr double kBusyMachine = 0.85;     // of all CPUs
+
+  explicit GrowthPolicy(double cores) : cores_(cores > 0 ? cores : 1) {}
+
+  // The first response: windows start here (time to the first byte is
+  // latency, not a slow link).
+  void begin(const GrowthSample& s) { window_ = decided_ = s; }
+
+  // The connection limit; a limit frozen by the rate check stays frozen.
+  void allow(int max_workers) { max_ = frozen_ && max_workers > max_ ? max_ : max_workers; }
+  int limit() const { return max_; }
+  bool frozen() const { return frozen_; }
+
+  // Whether step() at time t may decide (and so needs the CPU readings).
+  bool due(double t) const { return !settling_ && t - window_.t >= kWindow; }
+
+  // Connections to add now (0: none). `workers` run now; `settled` of them
+  // have received kSettleBytes.
+  int step(const GrowthSample& s, int workers, int settled);
+
+ private:
+  bool cpu_bound(const GrowthSample& from, const GrowthSample& to) const;
+
+  double cores_;
+  int max_ = 0;
+  bool frozen_ = false;
+  bool settling_ = false;  // a doubling's connections have not all settled
+  int starved_ = 0;        // starved windows in a row (a famished one counts two)
+  double rate_at_growth_ = 0;  // bytes/s of the run that led to the last doubling
+  GrowthSample window_;    // where the current window began
+  GrowthSample run_;       // where the current run of starved windows began
+  GrowthSample decided_;   // the last doubling
+};
+
+}  // namespace hubfast

@@ -1,0 +1,106 @@
+#include "hubfast/growth.h"
+
+#include <fcntl.h>
+#include <sched.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+
+namespace hubfast {
+
+namespace {
+
+// Reads the start of a small file (procfs, cgroupfs) into buf; "" on failure.
+bool read_head(const char* path, char* buf, size_t size) {
+  int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  ssize_t n = ::read(fd, buf, size - 1);
+  ::close(fd);
+  if (n <= 0) return false;
+  buf[n] = '\0';
+  return true;
+}
+
+}  // namespace
+
+void read_cpu(GrowthSample& s) {
+  timespec ts{};
+  if (clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts) == 0) s.cpu = double(ts.tv_sec) + ts.tv_nsec * 1e-9;
+  s.busy = s.all = 0;
+  char buf[256];
+  if (!read_head("/proc/stat", buf, sizeof buf)) return;
+  unsigned long long v[8] = {};  // user nice system idle iowait irq softirq steal
+  if (std::sscanf(buf, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+                  &v[6], &v[7]) < 4)
+    return;
+  static const double tick = 1.0 / double(std::max(1L, sysconf(_SC_CLK_TCK)));
+  // Steal is a CPU the hypervisor gave to someone else: not ours to use.
+  double busy = double(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) * tick;
+  s.busy = busy;
+  s.all = busy + double(v[3] + v[4]) * tick;
+}
+
+double usable_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  double cores = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+  char buf[128];
+  long long quota = 0, period = 0;
+  if (read_head("/sys/fs/cgroup/cpu.max", buf, sizeof buf) && std::sscanf(buf, "%lld %lld", &quota, &period) == 2 &&
+      quota > 0 && period > 0)
+    cores = std::min(cores, double(quota) / double(period));
+  return std::max(cores, 1.0);
+}
+
+bool GrowthPolicy::cpu_bound(const GrowthSample& from, const GrowthSample& to) const {
+  double wall = to.t - from.t;
+  if (wall <= 0) return false;
+  if (to.cpu - from.cpu >= kBusyProcess * cores_ * wall) return true;
+  double all = to.all - from.all;
+  return all > 0 && to.busy - from.busy >= kBusyMachine * all;
+}
+
+int GrowthPolicy::step(const GrowthSample& s, int workers, int settled) {
+  if (workers >= max_) return 0;
+  if (settling_) {  // after a doubling: a new window once every connection has settled
+    if (settled < workers) return 0;
+    settling_ = false;
+    window_ = s;
+    return 0;
+  }
+  double wall = s.t - window_.t;
+  if (wall < kWindow) return 0;
+  double waited = s.waited - window_.waited;
+  bool starved = waited * 2 > wall;
+  // Waiting nine tenths of a window is no blip: it counts for two.
+  bool famished = waited * 10 > wall * 9;
+  if (!starved) {
+    starved_ = 0;
+    window_ = s;
+    return 0;
+  }
+  if (starved_ == 0) run_ = window_;
+  starved_ += famished ? 2 : 1;
+  window_ = s;
+  // Once the link has shown itself slow, the rate check guards each further
+  // doubling: one starved window is enough.
+  if (starved_ < (rate_at_growth_ > 0 ? 1 : 2)) return 0;
+  starved_ = 0;
+  double rate = double(s.bytes - run_.bytes) / (s.t - run_.t);
+  // The CPUs are judged over all the time since the last doubling: a window
+  // alone is a few scheduler ticks of /proc/stat.
+  if (rate_at_growth_ > 0 && rate < rate_at_growth_ * kGain && cpu_bound(decided_, s)) {
+    max_ = workers;  // the last doubling brought no more bytes
+    frozen_ = true;
+    return 0;
+  }
+  rate_at_growth_ = rate;
+  decided_ = s;
+  settling_ = true;
+  return std::min(max_ - workers, std::max(1, workers));
+}
+
+}  // namespace hubfast

@@ -1,0 +1,159 @@
+// GrowthPolicy on synthetic links: how many connections it opens when the
+// consumer waits or not, the link pays for more or not, and the CPUs are
+// busy or idle. read_cpu and usable_cores against this machine.
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <functional>
+
+#include "hubfast/growth.h"
+
+using namespace hubfast;
+
+namespace {
+
+constexpr double kCores = 2;
+constexpr double kMB = 1e6;
+
+// A download seen by the consuming thread every `dt` seconds.
+struct Link {
+  GrowthPolicy policy{kCores};
+  GrowthSample s;
+  int workers = 1;
+  bool auto_settle = true;  // every connection settles at once
+  int settled = 1;
+  std::function<double(int)> rate = [](int n) { return 10 * kMB * n; };  // per-connection cap
+  double wait = 1.0;        // fraction of the time the consumer waits
+  double cpu = 0.1;         // this process, fraction of kCores
+  double machine = 0.1;     // all CPUs, fraction busy
+
+  explicit Link(int max_workers, int start = 1) : workers(start), settled(start) {
+    policy.allow(max_workers);
+    policy.begin(s);
+  }
+  void run(double seconds, double dt = 0.005) {
+    for (double end = s.t + seconds; s.t < end;) {
+      s.t += dt;
+      s.bytes += uint64_t(rate(workers) * dt);
+      s.waited += wait * dt;
+      s.cpu += cpu * kCores * dt;
+      s.all += kCores * dt;
+      s.busy += machine * kCores * dt;
+      workers += policy.step(s, workers, auto_settle ? workers : settled);
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("growth: a consumer that never waits keeps its connections") {
+  Link l(8, 2);
+  l.wait = 0.05;
+  l.run(2.0);
+  CHECK(l.workers == 2);
+}
+
+TEST_CASE("growth: a starved consumer on a per-connection cap doubles up to the limit") {
+  Link l(8, 1);
+  l.run(0.1);
+  CHECK(l.workers >= 2);
+  l.run(1.0);
+  CHECK(l.workers == 8);
+  CHECK_FALSE(l.policy.frozen());
+}
+
+TEST_CASE("growth: a wait of half a window or less, once, is a blip") {
+  Link l(8, 2);
+  l.wait = 0.6;  // starved for one window, then not
+  l.run(0.021);
+  l.wait = 0.0;
+  l.run(1.0);
+  CHECK(l.workers == 2);
+}
+
+TEST_CASE("growth: waiting nine tenths of one window counts for two") {
+  Link l(8, 2);
+  l.wait = 0.95;
+  l.run(0.03);  // one window
+  CHECK(l.workers == 4);
+  Link m(8, 2);
+  m.wait = 0.7;
+  m.run(0.03);
+  CHECK(m.workers == 2);
+}
+
+TEST_CASE("growth: on busy CPUs a doubling that brings no more bytes is the last") {
+  Link l(16, 2);
+  l.rate = [](int) { return 300 * kMB; };  // the cores, not the link, set the rate
+  l.cpu = 0.9;
+  l.run(2.0);
+  CHECK(l.workers == 4);  // the first doubling is free, the second had to pay
+  CHECK(l.policy.frozen());
+  l.policy.allow(32);  // the first stream's end raises the limit: frozen stays frozen
+  l.run(1.0);
+  CHECK(l.workers == 4);
+  CHECK(l.policy.limit() == 4);
+}
+
+TEST_CASE("growth: the machine's CPUs busy with other processes count as busy") {
+  Link l(16, 2);
+  l.rate = [](int) { return 300 * kMB; };
+  l.cpu = 0.2;
+  l.machine = 0.95;
+  l.run(2.0);
+  CHECK(l.workers == 4);
+  CHECK(l.policy.frozen());
+}
+
+TEST_CASE("growth: with idle CPUs a small gain is a link ramping up: growth goes on") {
+  // A long round trip: new connections are in slow start when measured.
+  Link l(16, 2);
+  l.rate = [](int n) { return 40 * kMB + 1 * kMB * n; };
+  l.run(3.0);
+  CHECK(l.workers == 16);
+  CHECK_FALSE(l.policy.frozen());
+}
+
+TEST_CASE("growth: a doubling that pays is followed by the next") {
+  Link l(16, 2);
+  l.rate = [](int n) { return 20 * kMB * n; };
+  l.cpu = 0.9;  // busy, but each doubling brings twice the bytes
+  l.run(2.0);
+  CHECK(l.workers == 16);
+  CHECK_FALSE(l.policy.frozen());
+}
+
+TEST_CASE("growth: no further doubling until every connection has settled") {
+  Link l(16, 2);
+  l.auto_settle = false;
+  l.settled = 2;
+  l.run(0.2);
+  CHECK(l.workers == 4);  // the first doubling; its two new connections have not settled
+  l.run(2.0);
+  CHECK(l.workers == 4);
+  l.settled = 4;
+  l.run(0.2);
+  CHECK(l.workers == 8);
+}
+
+TEST_CASE("growth: the limit caps the last doubling") {
+  Link l(3, 1);
+  l.run(1.0);
+  CHECK(l.workers == 3);
+}
+
+TEST_CASE("growth: read_cpu and usable_cores read this machine") {
+  double cores = usable_cores();
+  CHECK(cores >= 1);
+  GrowthSample a, b;
+  read_cpu(a);
+  auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(50);
+  volatile uint64_t x = 0;
+  while (std::chrono::steady_clock::now() < until) x = x + 1;
+  read_cpu(b);
+  CHECK(b.cpu - a.cpu > 0.02);  // the spin above was this process's CPU
+  CHECK(b.all >= a.all);
+  CHECK(b.busy >= a.busy);
+  CHECK(b.all >= b.busy);
+  CHECK(a.all > 0);  // /proc/stat is there on Linux
+}
