@@ -492,13 +492,14 @@ class Parallel {
   // on an empty queue) when it measures it, else this thread's own wait for
   // segments. Consuming thread only, during segment 0 too.
   void allow_workers(int max_workers) { policy_.allow(max_workers); }
+  void first_stream_ended() { first_stream_ = 0; }
   int workers() const { return int(threads_.size()); }
 
   void grow_if_starved() {
     if (int(threads_.size()) >= policy_.limit()) return;
     GrowthSample s = sample();
     if (policy_.due(s.t)) read_cpu(s);  // /proc/stat at most once a window
-    int add = policy_.step(s, int(threads_.size()), int(settled_.load(std::memory_order_relaxed)));
+    int add = policy_.step(s, int(threads_.size()), int(settled_.load(std::memory_order_relaxed)), first_stream_);
     if (add > 0) add_workers(add);
   }
 
@@ -745,6 +746,7 @@ class Parallel {
   std::chrono::nanoseconds own_wait_{0};  // this thread's wait for segments
   GrowthPolicy policy_{usable_cores()};  // consumer thread only
   std::atomic<size_t> settled_{0};  // workers that have received GrowthPolicy::kSettleBytes
+  int first_stream_ = 1;  // the first stream's connection, while it runs (consumer thread)
   // Timed waits wake the consumer at least once a growth window.
   static constexpr std::chrono::milliseconds kGrowAfter{int(GrowthPolicy::kWindow * 1000)};
   static constexpr uint64_t kWakeBytes = 1 * kMiB;
@@ -1389,6 +1391,7 @@ void HttpSource::run(const EmitFn& emit, const CancelToken& cancel) {
     // all the others (the link needed every connection).
     if (!opt_.adaptive_connections || par_->workers() >= opt_.connections - 1) par_->add_workers(1);
     par_->allow_workers(opt_.connections);
+    par_->first_stream_ended();
     // Out of order when the consumer takes it and the link is what it waits
     // for (the adaptive count had to grow during segment 0, or connections
     // are fixed): decoding then overlaps the transfer. A decoder that is the

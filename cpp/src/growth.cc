@@ -63,7 +63,7 @@ bool GrowthPolicy::cpu_bound(const GrowthSample& from, const GrowthSample& to) c
   return all > 0 && to.busy - from.busy >= kBusyMachine * all;
 }
 
-int GrowthPolicy::step(const GrowthSample& s, int workers, int settled) {
+int GrowthPolicy::step(const GrowthSample& s, int workers, int settled, int others) {
   if (workers >= max_) return 0;
   if (settling_) {  // after a doubling: a new window once every connection has settled
     if (settled < workers) return 0;
@@ -100,7 +100,7 @@ int GrowthPolicy::step(const GrowthSample& s, int workers, int settled) {
   rate_at_growth_ = rate;
   decided_ = s;
   settling_ = true;
-  return std::min(max_ - workers, std::max(1, workers));
+  return std::min(max_ - workers, std::max(1, workers + others));
 }
 
 }  // namespace hubfast

@@ -136,6 +136,16 @@ TEST_CASE("growth: no further doubling until every connection has settled") {
   CHECK(l.workers == 8);
 }
 
+TEST_CASE("growth: a doubling counts the connections outside the limit") {
+  GrowthPolicy p(kCores);
+  p.allow(7);  // eight connections, the first stream's besides the workers
+  GrowthSample s;
+  p.begin(s);
+  s.t = 0.03;
+  s.waited = 0.03;  // famished: one window decides
+  CHECK(p.step(s, 1, 1, 1) == 2);  // 1 + 1 connections double to 4
+}
+
 TEST_CASE("growth: the limit caps the last doubling") {
   Link l(3, 1);
   l.run(1.0);

@@ -61,8 +61,9 @@ class GrowthPolicy {
   bool due(double t) const { return !settling_ && t - window_.t >= kWindow; }
 
   // Connections to add now (0: none). `workers` run now; `settled` of them
-  // have received kSettleBytes.
-  int step(const GrowthSample& s, int workers, int settled);
+  // have received kSettleBytes; `others` connections run besides them (the
+  // first stream's), not counted in the limit but in the doubling.
+  int step(const GrowthSample& s, int workers, int settled, int others = 0);
 
  private:
   bool cpu_bound(const GrowthSample& from, const GrowthSample& to) const;
