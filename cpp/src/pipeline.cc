@@ -4,6 +4,7 @@
 #include <condition_variable>
 #include <chrono>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -26,6 +27,12 @@ double since(Clock::time_point t) {
 struct Chunk {
   uint64_t offset = 0;
   Bytes bytes;
+  // Or a slice of a buffer handed over by the decoder (not copied).
+  std::shared_ptr<const Bytes> shared;
+  const uint8_t* slice = nullptr;
+  size_t slice_len = 0;
+  const uint8_t* data() const { return shared ? slice : bytes.data(); }
+  size_t size() const { return shared ? slice_len : bytes.size(); }
 };
 
 // Collects bytes into chunks of about `chunk` bytes before queueing them, so
@@ -49,6 +56,21 @@ class Chunker {
       if (buf_.bytes.size() == chunk_) flush();
     }
     next_ = std::max(next_, buf_.offset + buf_.bytes.size());
+  }
+  // A whole buffer goes on in slices of the chunk size that share it: the
+  // queue's bound still counts chunk-sized pieces.
+  void put_shared(std::shared_ptr<const Bytes> b) {
+    flush();
+    for (size_t pos = 0; pos < b->size(); pos += chunk_) {
+      Chunk c;
+      c.offset = buf_.offset + pos;
+      c.shared = b;
+      c.slice = b->data() + pos;
+      c.slice_len = std::min(chunk_, b->size() - pos);
+      if (!q_.push(std::move(c))) throw Error(ErrorKind::kCancelled, "pipeline stopped");
+    }
+    buf_.offset += b->size();
+    next_ = std::max(next_, buf_.offset);
   }
   void flush() {
     if (buf_.bytes.empty()) return;
@@ -209,6 +231,7 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
           // out of order only after asking, which this answers.
           stats.compression = detect_compression(b.data(), b.size());
           dec = make_decoder(stats.compression, opt.decode);
+          dec->set_shared_out([&](std::shared_ptr<const Bytes> b) { out.put_shared(std::move(b)); });
           offsets = dec->takes_offsets();
           decision.set(offsets);
         }
@@ -244,7 +267,7 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
       TarReader tar(dir, opt.limits);
       while (auto chunk = decoded.pop()) {
         auto t = Clock::now();
-        tar.feed(chunk->bytes.data(), chunk->bytes.size());
+        tar.feed(chunk->data(), chunk->size());
         bytes_out.store(dir.bytes(), std::memory_order_relaxed);
         busy += since(t);
       }

@@ -5,6 +5,7 @@
 
 #include <condition_variable>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -25,6 +26,31 @@ bool is_skippable(const uint8_t* p, size_t n) {
   uint32_t magic = uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
   return (magic & 0xFFFFFFF0u) == 0x184D2A50u;
 }
+
+// Frame buffers are reused: a fresh 32 MiB buffer per frame is a fresh mmap
+// whose every page faults and is zeroed (a fifth of the time of a 1 GiB
+// extraction in profiles, more than zstd itself took).
+class Spares {
+ public:
+  Bytes take(bool clear) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (spare_.empty()) return Bytes();
+    Bytes b = std::move(spare_.back());
+    spare_.pop_back();
+    if (clear) b.clear();
+    return b;
+  }
+  void give(Bytes b) {
+    if (b.capacity() == 0) return;
+    std::lock_guard<std::mutex> lk(mu_);
+    if (spare_.size() < kKeep) spare_.push_back(std::move(b));  // a few: idle buffers count in RSS
+  }
+
+ private:
+  static constexpr size_t kKeep = 2;
+  std::mutex mu_;
+  std::vector<Bytes> spare_;  // with their capacity
+};
 
 struct Job {
   Bytes in, out;
@@ -116,6 +142,7 @@ class ParallelZstdDecoder : public Decoder {
   }
 
   uint64_t units() const override { return units_ + (sequential_ ? sequential_->units() : 0); }
+  void set_shared_out(SharedOutFn give) override { give_ = std::move(give); }
   int parallelism() const override { return units_ > 1 ? int(workers_.size()) : 1; }
 
  private:
@@ -154,8 +181,18 @@ class ParallelZstdDecoder : public Decoder {
       inflight_bytes_ -= job->cost;
       if (!job->error.empty())
         throw Error(job->limit ? ErrorKind::kLimit : ErrorKind::kIntegrity, "zstd stream is corrupt: " + job->error);
-      if (!job->out.empty()) out(job->out.data(), job->out.size());
-      give_spare(std::move(job->out));
+      if (give_ && !job->out.empty()) {
+        // The writer gets the frame itself; the buffer comes back to the
+        // spares when its last slice is written.
+        std::shared_ptr<Spares> spares = spares_;
+        give_(std::shared_ptr<const Bytes>(new Bytes(std::move(job->out)), [spares](Bytes* b) {
+          spares->give(std::move(*b));
+          delete b;
+        }));
+      } else {
+        if (!job->out.empty()) out(job->out.data(), job->out.size());
+        spares_->give(std::move(job->out));
+      }
       ++units_;
       wait = false;
     }
@@ -213,22 +250,8 @@ class ParallelZstdDecoder : public Decoder {
     }
   }
 
-  // Frame buffers are reused: a fresh 32 MiB buffer per frame is a fresh
-  // mmap whose every page faults and is zeroed (a fifth of the time of a
-  // 1 GiB extraction in profiles, more than zstd itself took).
-  Bytes take_spare(bool clear) {
-    std::lock_guard<std::mutex> lk(spare_mu_);
-    if (spare_.empty()) return Bytes();
-    Bytes b = std::move(spare_.back());
-    spare_.pop_back();
-    if (clear) b.clear();
-    return b;
-  }
-  void give_spare(Bytes b) {
-    if (b.capacity() == 0) return;
-    std::lock_guard<std::mutex> lk(spare_mu_);
-    if (spare_.size() < 2) spare_.push_back(std::move(b));  // a few: idle buffers count in RSS
-  }
+  Bytes take_spare(bool clear) { return spares_->take(clear); }
+  void give_spare(Bytes b) { spares_->give(std::move(b)); }
 
   DecodeOptions opt_;
   size_t max_inflight_;
@@ -237,8 +260,8 @@ class ParallelZstdDecoder : public Decoder {
   std::unique_ptr<Decoder> sequential_;
   uint64_t units_ = 0;
 
-  std::mutex spare_mu_;
-  std::vector<Bytes> spare_;  // cleared buffers with their capacity
+  std::shared_ptr<Spares> spares_ = std::make_shared<Spares>();  // outlives us in the writer's queue
+  SharedOutFn give_;
   std::mutex mu_;
   std::condition_variable todo_cv_, done_cv_;
   std::deque<std::shared_ptr<Job>> todo_, order_;

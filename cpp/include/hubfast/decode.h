@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace hubfast {
 
@@ -18,6 +19,9 @@ const char* compression_name(Compression c);
 Compression detect_compression(const uint8_t* p, size_t n);
 
 using OutFn = std::function<void(const uint8_t*, size_t)>;
+// A decoded buffer handed over whole instead of copied out: the receiver
+// holds it for as long as it needs the bytes.
+using SharedOutFn = std::function<void(std::shared_ptr<const std::vector<uint8_t>>)>;
 
 class Decoder {
  public:
@@ -44,6 +48,10 @@ class Decoder {
   virtual void feed_at(uint64_t offset, const uint8_t* in, size_t n, const OutFn& out);
   // Compressed bytes below this offset have been consumed and released.
   virtual uint64_t input_floor() const { return 0; }
+  // A decoder that decodes into whole buffers of its own (zstd frames in
+  // parallel) hands them to `give` instead of copying them through `out`;
+  // what goes through either keeps the output's order.
+  virtual void set_shared_out(SharedOutFn give) {}
 };
 
 struct DecodeOptions {
