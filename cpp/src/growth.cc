@@ -7,13 +7,12 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 
 namespace hubfast {
 
 namespace {
 
-// Reads the start of a small file (procfs, cgroupfs) into buf; "" on failure.
+// Reads the start of a small file (procfs, cgroupfs) into buf, NUL-terminated.
 bool read_head(const char* path, char* buf, size_t size) {
   int fd = ::open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return false;

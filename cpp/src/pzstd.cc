@@ -100,7 +100,7 @@ class ParallelZstdDecoder : public Decoder {
         // The usual case, a frame that began in pending_ and has just been
         // completed: hand the buffer itself over and keep only the (small)
         // rest, instead of copying the whole frame out.
-        Bytes rest = take_spare(true);
+        Bytes rest = spares_->take(true);
         rest.reserve(len + len / 4);  // frames are alike: the next one fills it without regrowing
         rest.insert(rest.end(), pending_.begin() + long(len), pending_.end());
         pending_.resize(len);
@@ -220,9 +220,9 @@ class ParallelZstdDecoder : public Decoder {
         job = todo_.front();
         todo_.pop_front();
       }
-      job->out = take_spare(false);
+      job->out = spares_->take(false);
       decode(dctx, *job);
-      give_spare(std::move(job->in));
+      spares_->give(std::move(job->in));
       {
         std::lock_guard<std::mutex> lk(mu_);
         job->done = true;
@@ -249,9 +249,6 @@ class ParallelZstdDecoder : public Decoder {
       job.error = "frame content is shorter than its header says";
     }
   }
-
-  Bytes take_spare(bool clear) { return spares_->take(clear); }
-  void give_spare(Bytes b) { spares_->give(std::move(b)); }
 
   DecodeOptions opt_;
   size_t max_inflight_;

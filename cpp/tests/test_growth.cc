@@ -83,26 +83,24 @@ TEST_CASE("growth: waiting nine tenths of one window counts for two") {
 }
 
 TEST_CASE("growth: on busy CPUs a doubling that brings no more bytes is the last") {
-  Link l(16, 2);
-  l.rate = [](int) { return 300 * kMB; };  // the cores, not the link, set the rate
-  l.cpu = 0.9;
-  l.run(2.0);
-  CHECK(l.workers == 4);  // the first doubling is free, the second had to pay
-  CHECK(l.policy.frozen());
-  l.policy.allow(32);  // the first stream's end raises the limit: frozen stays frozen
-  l.run(1.0);
-  CHECK(l.workers == 4);
-  CHECK(l.policy.limit() == 4);
-}
-
-TEST_CASE("growth: the machine's CPUs busy with other processes count as busy") {
-  Link l(16, 2);
-  l.rate = [](int) { return 300 * kMB; };
-  l.cpu = 0.2;
-  l.machine = 0.95;
-  l.run(2.0);
-  CHECK(l.workers == 4);
-  CHECK(l.policy.frozen());
+  struct Load {
+    const char* who;
+    double cpu, machine;
+  };
+  for (Load load : {Load{"this process", 0.9, 0.1}, Load{"other processes", 0.2, 0.95}}) {
+    INFO("CPUs busy with " << load.who);
+    Link l(16, 2);
+    l.rate = [](int) { return 300 * kMB; };  // the cores, not the link, set the rate
+    l.cpu = load.cpu;
+    l.machine = load.machine;
+    l.run(2.0);
+    CHECK(l.workers == 4);  // the first doubling is free, the second had to pay
+    CHECK(l.policy.frozen());
+    l.policy.allow(32);  // the first stream's end raises the limit: frozen stays frozen
+    l.run(1.0);
+    CHECK(l.workers == 4);
+    CHECK(l.policy.limit() == 4);
+  }
 }
 
 TEST_CASE("growth: with idle CPUs a small gain is a link ramping up: growth goes on") {
