@@ -238,7 +238,8 @@ def test_transient_status_on_a_resume(server, small, cache_dir):
     assert log[1].range == log[2].range == f"bytes={ODD}-"
 
 
-def test_transient_status_on_parallel_segments(server, big, cache_dir):
+def test_transient_status_on_parallel_segments(server, big, cache_dir, monkeypatch):
+    monkeypatch.setenv("HUBFAST_ADAPTIVE_CONNECTIONS", "0")  # segment requests from the start
     server.add_archive(HANDLE_PATH, big.gz)
     server.inject(HANDLE_PATH, Fault.delay(0))  # the first request goes through
     server.inject(HANDLE_PATH, Fault.status(503, retry_after=1), times=3)  # three segment requests
@@ -365,7 +366,12 @@ def test_stall_is_detected_and_resumed(server, small, big, cache_dir, monkeypatc
 
 
 def test_stall_of_a_parallel_segment_is_resumed(server, big, cache_dir, monkeypatch):
+    """Every connection from the start, so segments go to the parallel gzip decoder as they
+    arrive: the stalled segment's first bytes, held back in a partial chunk while the other
+    segments filled the window, once deadlocked the download (the window waited on the
+    decoder, the decoder on those bytes)."""
     monkeypatch.setenv("HUBFAST_STALL_TIMEOUT", "1")
+    monkeypatch.setenv("HUBFAST_ADAPTIVE_CONNECTIONS", "0")
     server.add_archive(HANDLE_PATH, big.gz)
     server.inject(HANDLE_PATH, Fault.delay(0))  # the first request goes through
     server.inject(HANDLE_PATH, Fault.stall(ODD, 60))  # the first segment request stalls
@@ -635,6 +641,7 @@ def test_segments_keep_their_order_when_the_consumer_needs_it(server, big, cache
                                                               tmp_path, case):
     """One decoding thread (ISA-L in one stream), an md5 (not combinable from ranges) and a
     pinned sha256 (hashed in order) all need the bytes in order: segments keep it."""
+    monkeypatch.setenv("HUBFAST_ADAPTIVE_CONNECTIONS", "0")
     monkeypatch.setenv("HUBFAST_DECODE_THREADS", "1" if case == "one-decoding-thread" else "2")
     server.add_archive(HANDLE_PATH, big.gz, goog_hash="md5" if case == "md5-only" else "both")
     handle = server.url_for(HANDLE_PATH)
@@ -1027,9 +1034,9 @@ def slow_decoding(tmp_path_factory) -> Tuple[Path, Dict]:
 @pytest.mark.parametrize("capped", [False, True])
 def test_connections_grow_only_while_the_decoder_waits(slow_decoding, cache_dir, monkeypatch,
                                                        capped):
-    """Adaptive parallelism: a consumer slower than the link (bzip2 on loopback) gets two
-    connections, not eight; a link slower than the consumer (a per-connection cap) gets
-    every connection allowed, and gets them while the first segment still arrives."""
+    """Adaptive parallelism: a consumer slower than the link (bzip2 on loopback) gets the
+    whole object on one connection; a link slower than the consumer (a per-connection cap)
+    gets every connection allowed, and gets them while the first segment still arrives."""
     archive, digest = slow_decoding
     monkeypatch.setenv("HUBFAST_MIN_PARALLEL_BYTES", str(8 * MiB))  # 4 MiB segments
     monkeypatch.setenv("HUBFAST_CONNECTIONS", "4")
@@ -1039,11 +1046,35 @@ def test_connections_grow_only_while_the_decoder_waits(slow_decoding, cache_dir,
         gets = sorted(r.time for r in srv.stats.requests_for(HANDLE_PATH) if r.method == "GET")
     src = hubfast.last_stats()["source"]
     assert tree_digest(path) == digest
-    assert src["segments"] >= 4
     if capped:  # grew past the first two (up to one per segment left)
+        assert src["segments"] >= 4
         assert src["connections"] > 2, src
         # Segment 0 (4 MiB at 2 MiB/s) takes 2 s: the decoder waiting on it opened the
         # third and fourth connections well before it ended.
         assert len(gets) >= 4 and gets[3] - gets[0] < 1.0, [round(t - gets[0], 2) for t in gets]
-    else:  # two; a third at most if a worker was slow to start on a loaded machine
-        assert src["connections"] < 4, src
+    else:  # the decoder never waited: one request
+        assert src["connections"] == 1 and src["http_requests"] == 1, src
+
+
+def test_first_stream_runs_on_until_the_link_falls_behind(server, big, cache_dir):
+    """The first response streams on alone while it keeps up. When it falls behind (a 1.5 s
+    stall at 20 MiB), the decoder has waited, so workers start: their ranges begin at the end
+    of the segment the first stream is in, and the first stream stops there. No byte is asked
+    for twice and none below the stall again."""
+    stall_at = 20 * MiB
+    server.add_archive(HANDLE_PATH, big.gz)
+    server.inject(HANDLE_PATH, Fault.stall(stall_at, 1.5))
+    resolve_ok(server.url_for(HANDLE_PATH), big)
+    log = gets(server)
+    assert log[0].range is None
+    def span(r):
+        start, _, end = r.range.split("=", 1)[1].partition("-")
+        return int(start), int(end) if end else len(big.gz) - 1
+
+    ranges = sorted(span(r) for r in log[1:])
+    assert ranges and ranges[0][0] >= stall_at, ranges
+    assert ranges[-1][1] == len(big.gz) - 1, ranges
+    for (_, end), (start, _) in zip(ranges, ranges[1:]):
+        assert start == end + 1, ranges  # each byte asked for once
+    # The cut first stream sent at most what the sockets' buffers held beyond its end.
+    assert server.stats.path(HANDLE_PATH).body_bytes < len(big.gz) + 16 * MiB

@@ -211,7 +211,9 @@ def test_fleet_pulls_through_nginx_once(origin, nginx, models, tmp_path, which):
     origin_prefix = origin.url_for("/").rstrip("/")
     mirrors = f"{origin_prefix}={nginx.url}"
     caches = [tmp_path / f"host{i}" for i in range(CLIENTS)]
-    docs = _fetch_all(handle, caches, HUBFAST_MIRRORS=mirrors, HUBFAST_CONNECTIONS="4")
+    # Every connection from the start (the adaptive count may keep one on loopback).
+    docs = _fetch_all(handle, caches, HUBFAST_MIRRORS=mirrors, HUBFAST_CONNECTIONS="4",
+                      HUBFAST_ADAPTIVE_CONNECTIONS="0")
 
     # The origin sent the archive once, with the query string tensorflow_hub's protocol
     # needs (nginx kept it and made it part of the cache key).

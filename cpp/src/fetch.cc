@@ -12,12 +12,15 @@
 //    x-goog-hash. Bytes are emitted straight from libcurl's write callback.
 //  * When the object is large and rangeable (Accept-Ranges: bytes, a length
 //    >= min_parallel_bytes, a validator, connections > 1), the object is cut
-//    into segments. The first response keeps streaming as segment 0 (emitted
-//    directly, nothing wasted) and is cut at the segment's end; worker threads
-//    (one easy handle each, connections reused) fetch segments 1.. with
-//    `Range` + `If-Range` into a ring of at most `window` segment buffers
-//    (window * segment <= 128 MiB). The caller's thread then emits the
-//    segments in order, streaming the head segment while it still arrives;
+//    into segments. The first response keeps streaming (emitted directly,
+//    nothing wasted): with the adaptive count, alone for as long as the
+//    consumer does not starve; once workers start, it is cut at the end of
+//    the segment it is in (with a fixed count: at the end of segment 0).
+//    Worker threads (one easy handle each, connections reused) fetch the
+//    segments after it with `Range` + `If-Range` into a ring of at most
+//    `window` segment buffers (window * segment <= 128 MiB). The caller's
+//    thread then emits the segments in order, streaming the head segment
+//    while it still arrives;
 //    or, when the consumer takes offsets (the parallel gzip decoder), every
 //    segment's bytes as they arrive, claims bounded above the consumer's
 //    release point rather than the oldest segment.
@@ -396,7 +399,7 @@ class HttpSource : public Source {
                               bool from_origin, Attempt& a);
   CURLcode perform(Conn& c, const HaltFn& halted);
   void establish_meta(const Response& r);
-  uint64_t plan();  // after Meta: maybe go parallel; returns the first stream's end
+  uint64_t plan(RangeTask& first);  // after Meta: maybe go parallel; returns the first stream's end
   void set_resolved(const std::string& u) {
     std::lock_guard<std::mutex> lk(mu_);
     resolved_ = u;
@@ -466,6 +469,9 @@ class Parallel {
     return i <= full_ ? std::min(total_, i * seg_) : std::min(total_, full_ * seg_ + (i - full_) * half_);
   }
   uint64_t segment_end(uint64_t i) const { return segment_start(i + 1); }
+  uint64_t segment_of(uint64_t off) const {
+    return off < full_ * seg_ ? off / seg_ : full_ + (off - full_ * seg_) / half_;
+  }
   uint64_t segment_len(uint64_t i) const { return segment_end(i) - segment_start(i); }
   bool failed() const { return failed_.load(std::memory_order_relaxed); }
   std::exception_ptr error() {
@@ -479,21 +485,40 @@ class Parallel {
   // cost memory (the whole 128 MiB ring otherwise; two per connection held
   // ~50 MiB more at 2 GiB .tar.zst, where the decoder's frames need it).
   void add_workers(int n) {
+    if (!split()) return;
     for (int i = 0; i < n; ++i) threads_.emplace_back([this] { worker(); });
     std::lock_guard<std::mutex> lk(mu_);
     ahead_ = std::min<uint64_t>(window_, threads_.size() + 2);
     work_cv_.notify_all();
   }
 
-  // Connections grow with need (GrowthPolicy): the consumer (decoder and
-  // writer behind it) waiting for bytes means the transfer is the
-  // bottleneck; a consumer that never waits gains nothing from more
-  // connections but pays their CPU. The wait is the pipeline's (its decoder
-  // on an empty queue) when it measures it, else this thread's own wait for
-  // segments. Consuming thread only, during segment 0 too.
-  void allow_workers(int max_workers) { policy_.allow(max_workers); }
-  void first_stream_ended() { first_stream_ = 0; }
-  int workers() const { return int(threads_.size()); }
+  // Adaptive connections: the first stream alone runs on towards the end of
+  // the object (a link that keeps up with the decoder needs no other: the
+  // segments' buffering costs a copy and, on 2 cores, 15% of the time of a
+  // 1 GiB .tar.zst on loopback). `first` is its task, whose end moves. The
+  // first workers cut it at the end of the segment it is in and start after
+  // that. Consumer thread only.
+  void follow_first_stream(RangeTask* first) {
+    first_ = first;
+    first_seg_ = nseg_;
+  }
+  // Where the workers' segments start; the first stream ends there.
+  uint64_t first_segment() const { return first_seg_; }
+
+  // Whether workers have segments to fetch. The first call while a first
+  // stream runs on cuts it (follow_first_stream); after it has ended, it took
+  // the whole object.
+  bool split() {
+    if (first_seg_ < nseg_) return true;
+    if (!first_) return false;
+    uint64_t k = segment_of(std::min(src_.emitted_, total_ - 1)) + 1;  // after the bytes given so far
+    if (k >= nseg_) return false;  // in the last segment: it finishes alone
+    std::lock_guard<std::mutex> lk(mu_);
+    first_seg_ = next_ = k;
+    head_ = k - 1;
+    first_->end = segment_start(k);
+    return true;
+  }
 
   void grow_if_starved() {
     if (int(threads_.size()) >= policy_.limit()) return;
@@ -503,9 +528,23 @@ class Parallel {
     if (add > 0) add_workers(add);
   }
 
-  // Emits segments 1.. in order through `sink` (segment 0 went out directly).
+  // Connections grow with need (GrowthPolicy): the consumer (decoder and
+  // writer behind it) waiting for bytes means the transfer is the
+  // bottleneck; a consumer that never waits gains nothing from more
+  // connections but pays their CPU. The wait is the pipeline's (its decoder
+  // on an empty queue) when it measures it, else this thread's own wait for
+  // segments. Consuming thread only, during segment 0 too.
+  void allow_workers(int max_workers) { policy_.allow(max_workers); }
+  void first_stream_ended() {
+    first_stream_ = 0;
+    first_ = nullptr;
+  }
+  int workers() const { return int(threads_.size()); }
+
+  // Emits the workers' segments in order through `sink` (the first stream's
+  // went out directly).
   void consume(const std::function<void(const uint8_t*, size_t)>& sink) {
-    for (uint64_t i = 1; i < nseg_; ++i) {
+    for (uint64_t i = first_seg_; i < nseg_; ++i) {
       Slot& s = slots_[i % window_];
       uint64_t len = segment_len(i), done = 0;
       while (done < len) {
@@ -548,14 +587,14 @@ class Parallel {
     }
   }
 
-  // Emits segments 1.. as their bytes arrive, in any order (each segment's
+  // Emits the workers' segments as their bytes arrive, in any order (each segment's
   // in order), through `emit_at`: a decoder that takes offsets works on every
   // segment that has arrived instead of waiting on the oldest. `floor` is the
   // consumer's release point: claims stay within the window above it, as the
   // emitted bytes are held there until decoded. Returns the CRC32C of each
   // segment (for the whole-object check).
   std::vector<uint32_t> consume_any(const std::function<void(uint64_t, const uint8_t*, size_t)>& emit_at,
-                                    std::function<uint64_t()> floor) {
+                                    std::function<uint64_t()> floor, const std::function<void()>& flush) {
     std::vector<uint32_t> crcs(nseg_, 0);
     struct Ready {
       uint64_t seg, from, to;
@@ -564,7 +603,7 @@ class Parallel {
     {
       std::lock_guard<std::mutex> lk(mu_);
       floor_ = std::move(floor);
-      head_ = 1;
+      head_ = first_seg_;
       work_cv_.notify_all();
     }
     for (;;) {
@@ -580,6 +619,14 @@ class Parallel {
           }
           if (!ready.empty()) break;
           if (cancel_.cancelled()) throw Error(ErrorKind::kCancelled, "download cancelled: " + src_.url_);
+          if (flush) {
+            // Bytes the sink holds may be what moves the floor that the
+            // workers wait on (a stalled segment's part: a deadlock, before).
+            lk.unlock();
+            flush();
+            lk.lock();
+            if (error_) std::rethrow_exception(error_);
+          }
           any_waiting_ = true;
           auto w0 = Clock::now();
           data_cv_.wait_for(lk, kGrowAfter);
@@ -725,7 +772,9 @@ class Parallel {
   std::mutex mu_;
   std::condition_variable work_cv_, data_cv_;
   uint64_t head_ = 0;  // segment being emitted (guarded by mu_)
-  uint64_t next_ = 1;  // next segment to claim; 0 is the first stream's
+  uint64_t next_ = 1;  // next segment to claim; those below first_seg_ are the first stream's
+  uint64_t first_seg_ = 1;  // consumer thread (and under mu_ once workers run)
+  RangeTask* first_ = nullptr;  // the first stream's task while its end may move
   uint64_t ahead_ = 2;  // segments claimable beyond head_ (<= window_)
   int64_t waiting_ = -1;  // segment the consumer waits for, and for how much of it
   uint64_t wanted_ = 0;
@@ -982,7 +1031,7 @@ void HttpSource::establish_meta(const Response& r) {
   if (m.hash_usable && !m.hash.crc32c && !m.hash.md5.empty()) md5_ = std::make_unique<Digest>(DigestAlgo::kMd5);
 }
 
-uint64_t HttpSource::plan() {
+uint64_t HttpSource::plan(RangeTask& first) {
   const Meta& m = meta_;
   if (opt_.connections > 1 && m.ranges && m.total != kUnknown && m.total >= opt_.min_parallel_bytes &&
       !m.validator.empty()) {
@@ -997,10 +1046,12 @@ uint64_t HttpSource::plan() {
       size_t window = size_t(std::max<uint64_t>(2, std::min<uint64_t>(2 * conns, kWindowBytes / seg)));
       parallel_ = true;
       par_ = std::make_unique<Parallel>(*this, *cancel_, m.total, seg, window, consumer_wait_);
-      // Adaptive: one worker ahead of the first stream; more while the consumer starves.
-      int start = opt_.adaptive_connections ? 1 : opt_.connections - 1;
-      par_->add_workers(start);
       par_->allow_workers(opt_.connections - 1);
+      if (opt_.adaptive_connections) {  // workers only while the consumer starves
+        par_->follow_first_stream(&first);
+        return m.total;
+      }
+      par_->add_workers(opt_.connections - 1);
       return seg;
     }
   }
@@ -1045,7 +1096,7 @@ void HttpSource::on_headers(Xfer& x) {
     // A whole object from byte 0 (the first request, or a restart before
     // any byte was emitted): it defines the object.
     establish_meta(r);
-    if (t.first_stream && !parallel_) t.end = plan();
+    if (t.first_stream && !parallel_) t.end = plan(t);
     x.body = Xfer::Body::kData;
     return;
   }
@@ -1404,8 +1455,8 @@ void HttpSource::run(const EmitFn& emit, const CancelToken& cancel) {
             emitted_ += n;
             offset_sink_->emit_at(off, p, n);
           },
-          offset_sink_->floor);
-      for (uint64_t i = 1; i < crcs.size(); ++i)
+          offset_sink_->floor, offset_sink_->flush);
+      for (uint64_t i = par_->first_segment(); i < crcs.size(); ++i)
         crc_ = crc32c_combine(crc_, crcs[i], par_->segment_len(i));
       st_any_order_.store(true);
     } else {

@@ -54,10 +54,13 @@ double usable_cores() {
   return std::max(cores, 1.0);
 }
 
-bool GrowthPolicy::cpu_bound(const GrowthSample& from, const GrowthSample& to) const {
+bool GrowthPolicy::process_bound(const GrowthSample& from, const GrowthSample& to) const {
   double wall = to.t - from.t;
-  if (wall <= 0) return false;
-  if (to.cpu - from.cpu >= kBusyProcess * cores_ * wall) return true;
+  return wall > 0 && to.cpu - from.cpu >= kBusyProcess * cores_ * wall;
+}
+
+bool GrowthPolicy::cpu_bound(const GrowthSample& from, const GrowthSample& to) const {
+  if (process_bound(from, to)) return true;
   double all = to.all - from.all;
   return all > 0 && to.busy - from.busy >= kBusyMachine * all;
 }
@@ -88,6 +91,11 @@ int GrowthPolicy::step(const GrowthSample& s, int workers, int settled, int othe
   // doubling: one starved window is enough.
   if (starved_ < (rate_at_growth_ > 0 ? 1 : 2)) return 0;
   starved_ = 0;
+  // Before the first doubling: a consumer that waits while this process
+  // keeps the cores busy waits for CPU (the receive path, decoding threads
+  // behind the waiting one), not for the link. The run's samples all carry
+  // CPU readings (no settling came before).
+  if (rate_at_growth_ == 0 && process_bound(run_, s)) return 0;
   double rate = double(s.bytes - run_.bytes) / (s.t - run_.t);
   // The CPUs are judged over all the time since the last doubling: a window
   // alone is a few scheduler ticks of /proc/stat.

@@ -179,7 +179,8 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
             bytes_in.fetch_add(n, std::memory_order_relaxed);
             out.put_at(off, p, n);
           },
-          [&] { return input_floor.load(std::memory_order_relaxed); }};
+          [&] { return input_floor.load(std::memory_order_relaxed); },
+          [&] { out.flush(); }};
       if (!sha) src.set_offset_sink(&offsets);  // a pinned sha256 needs the bytes in order
       src.run(
           [&](const uint8_t* p, size_t n) {

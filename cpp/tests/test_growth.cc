@@ -3,6 +3,7 @@
 // busy or idle. read_cpu and usable_cores against this machine.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <functional>
 
@@ -24,7 +25,8 @@ struct Link {
   int settled = 1;
   std::function<double(int)> rate = [](int n) { return 10 * kMB * n; };  // per-connection cap
   double wait = 1.0;        // fraction of the time the consumer waits
-  double cpu = 0.1;         // this process, fraction of kCores
+  // This process's CPU, fraction of kCores, by connections.
+  std::function<double(int)> cpu = [](int) { return 0.1; };
   double machine = 0.1;     // all CPUs, fraction busy
 
   explicit Link(int max_workers, int start = 1) : workers(start), settled(start) {
@@ -36,7 +38,7 @@ struct Link {
       s.t += dt;
       s.bytes += uint64_t(rate(workers) * dt);
       s.waited += wait * dt;
-      s.cpu += cpu * kCores * dt;
+      s.cpu += cpu(workers) * kCores * dt;
       s.all += kCores * dt;
       s.busy += machine * kCores * dt;
       workers += policy.step(s, workers, auto_settle ? workers : settled);
@@ -82,6 +84,18 @@ TEST_CASE("growth: waiting nine tenths of one window counts for two") {
   CHECK(m.workers == 2);
 }
 
+TEST_CASE("growth: a starved consumer in a process that keeps the cores busy waits for CPU") {
+  Link l(16, 1);
+  l.rate = [](int) { return 300 * kMB; };  // the cores, not the link, set the rate
+  l.cpu = [](int) { return 0.8; };  // the receive path, the decoding threads behind the consumer
+  l.run(2.0);
+  CHECK(l.workers == 1);
+  CHECK_FALSE(l.policy.frozen());
+  l.cpu = [](int) { return 0.3; };  // the cores free up (or the link slows): growth may start
+  l.run(0.2);
+  CHECK(l.workers >= 2);
+}
+
 TEST_CASE("growth: on busy CPUs a doubling that brings no more bytes is the last") {
   struct Load {
     const char* who;
@@ -91,10 +105,11 @@ TEST_CASE("growth: on busy CPUs a doubling that brings no more bytes is the last
     INFO("CPUs busy with " << load.who);
     Link l(16, 2);
     l.rate = [](int) { return 300 * kMB; };  // the cores, not the link, set the rate
-    l.cpu = load.cpu;
+    // Two connections left room (the first doubling); four fill the cores.
+    l.cpu = [load](int n) { return n < 4 ? std::min(load.cpu, 0.3) : load.cpu; };
     l.machine = load.machine;
     l.run(2.0);
-    CHECK(l.workers == 4);  // the first doubling is free, the second had to pay
+    CHECK(l.workers == 4);  // the second doubling had to pay
     CHECK(l.policy.frozen());
     l.policy.allow(32);  // the first stream's end raises the limit: frozen stays frozen
     l.run(1.0);
@@ -115,7 +130,7 @@ TEST_CASE("growth: with idle CPUs a small gain is a link ramping up: growth goes
 TEST_CASE("growth: a doubling that pays is followed by the next") {
   Link l(16, 2);
   l.rate = [](int n) { return 20 * kMB * n; };
-  l.cpu = 0.9;  // busy, but each doubling brings twice the bytes
+  l.cpu = [](int n) { return n < 4 ? 0.3 : 0.9; };  // busy, but each doubling brings twice the bytes
   l.run(2.0);
   CHECK(l.workers == 16);
   CHECK_FALSE(l.policy.frozen());

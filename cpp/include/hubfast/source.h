@@ -37,10 +37,13 @@ class Source {
   // (each byte once, the pieces of one range in order). floor() is the
   // offset below which the consumer has released everything: what it was
   // given above it is still held, so the source's window counts from there.
+  // flush() passes on bytes the sink holds back (a partial chunk): a source
+  // calls it before it waits, as the floor it waits on may need them.
   struct OffsetSink {
     std::function<bool()> accept;
     std::function<void(uint64_t, const uint8_t*, size_t)> emit_at;
     std::function<uint64_t()> floor;
+    std::function<void()> flush;
   };
   void set_offset_sink(const OffsetSink* s) { offset_sink_ = s; }
 
