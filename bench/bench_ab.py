@@ -5,6 +5,7 @@ A variant is a list of environment assignments for the resolving process, e.g.
 
     python bench/bench_ab.py --size 1024 --kind zst --runs 6 --a HUBFAST_CONNECTIONS=2 --b ""
     python bench/bench_ab.py --size 1024 --kind zst --local --a PYTHONPATH=/tmp/old --b ""
+    python bench/bench_ab.py --size 256 --kind gz --cap 50e6 --a PYTHONPATH=/tmp/old --b ""
 
 Over HTTP the archive is served on loopback (hubfast.testing.TFHubServer, in this process,
 digests computed before any timed run); with --local the file itself is resolved. Prints
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--a", default="", help="variant A: NAME=VALUE ...")
     ap.add_argument("--b", default="", help="variant B: NAME=VALUE ...")
     ap.add_argument("--local", action="store_true", help="resolve the local file, no HTTP")
+    ap.add_argument("--cap", type=float, default=0, help="bytes/s per connection (0: none)")
     args = ap.parse_args()
 
     arch = common.archive(args.size, args.kind)
@@ -50,7 +52,7 @@ def main() -> None:
     else:
         from hubfast.testing.server import TFHubServer
 
-        srv = TFHubServer()
+        srv = TFHubServer(bandwidth=args.cap or None)
         path = "/bench/ab/" + arch.name
         srv.add_archive(path, str(arch), goog_hash="both")
         srv.precompute_digests(path)
@@ -65,14 +67,14 @@ def main() -> None:
             srv.close()
 
     m = common.machine()
-    where = "local file" if args.local else "HTTP, loopback"
+    where = "local file" if args.local else "HTTP, loopback" + (f", {args.cap / 1e6:g} MB/s per connection" if args.cap else "")
     print(f"{args.size} MiB .{args.kind}, {where}, {args.runs} interleaved runs each "
           f"({m['time']}, load {' '.join(m['loadavg'])})")
     rows = []
     for v in "AB":
         r = bench_fetch._summary([o["seconds"] for o in outs[v]])
         r.update(tool=f"{v}: {args.a if v == 'A' else args.b or '(default)'}", size_mib=args.size,
-                 kind=args.kind, local=args.local,
+                 kind=args.kind, local=args.local, cap=args.cap or None,
                  cpu_seconds=statistics.median(o["cpu_seconds"] for o in outs[v]),
                  connections=[o.get("source", {}).get("connections") for o in outs[v]])
         rows.append(r)
