@@ -12,6 +12,7 @@ import email.utils
 import gzip
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -375,9 +376,22 @@ def test_stall_of_a_parallel_segment_is_resumed(server, big, cache_dir, monkeypa
     server.add_archive(HANDLE_PATH, big.gz)
     server.inject(HANDLE_PATH, Fault.delay(0))  # the first request goes through
     server.inject(HANDLE_PATH, Fault.stall(ODD, 60))  # the first segment request stalls
-    src = resolve_ok(server.url_for(HANDLE_PATH), big)
+    # In a child process: a deadlock fails the test after 60 s instead of hanging the suite.
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+    child = subprocess.Popen([sys.executable, "-c", _RESOLVE_STATS_CHILD, server.url_for(HANDLE_PATH)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = child.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        pytest.fail("the download with a stalled segment did not finish in 60 s (deadlock)")
+    assert child.returncode == 0, err
+    done = json.loads(out.strip().splitlines()[-1])
+    assert tree_digest(done["path"]) == big.digest
+    src = done["source"]
     assert src["segments"] > 1 and src["resumes"] + src["retries"] == 1
-    assert src["elapsed"] < 12
+    assert done["elapsed"] < 12
     log = gets(server)
     resumed = [r for r in log if r.range and _range_start(r) % MiB == ODD % MiB]
     assert len(resumed) == 1 and resumed[0].if_range == etag_of(server)
@@ -478,6 +492,16 @@ try:
     print("OK", flush=True)
 except Exception as e:
     print(type(e).__name__, e, flush=True)
+"""
+
+
+_RESOLVE_STATS_CHILD = r"""
+import json, sys, time
+import hubfast
+t0 = time.monotonic()
+path = hubfast.resolve(sys.argv[1])
+print(json.dumps({"path": path, "elapsed": time.monotonic() - t0,
+                  "source": hubfast.last_stats()["source"]}), flush=True)
 """
 
 
