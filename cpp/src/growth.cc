@@ -104,16 +104,10 @@ int GrowthPolicy::step(const GrowthSample& s, int workers, int settled, int othe
     frozen_ = true;
     return 0;
   }
-  // The first step opens kFirstStep connections, not two: the link has just
-  // shown itself slower than the consumer while this process leaves the
-  // cores free, which is what a per-connection limit looks like (under a
-  // 50 MB/s cap, 1 -> 2 -> 4 -> 8 left ~0.5 connection-seconds unused).
-  const int now = workers + others;
-  const int target = rate_at_growth_ == 0 ? std::max(kFirstStep, 2 * now) : 2 * now;
   rate_at_growth_ = rate;
   decided_ = s;
   settling_ = true;
-  return std::min(max_ - workers, std::max(1, target - now));
+  return std::min(max_ - workers, std::max(1, workers + others));
 }
 
 }  // namespace hubfast

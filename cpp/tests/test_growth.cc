@@ -159,19 +159,6 @@ TEST_CASE("growth: a doubling counts the connections outside the limit") {
   CHECK(p.step(s, 1, 1, 1) == 2);  // 1 + 1 connections double to 4
 }
 
-TEST_CASE("growth: the first step from the first stream alone opens four connections") {
-  GrowthPolicy p(kCores);
-  p.allow(7);
-  GrowthSample s;
-  p.begin(s);
-  s.t = 0.03;
-  s.waited = 0.03;
-  CHECK(p.step(s, 0, 0, 1) == 3);  // the first stream + 3 workers
-  Link l(16, 2);  // two connections: the first step doubles them
-  l.run(0.03);
-  CHECK(l.workers == 4);
-}
-
 TEST_CASE("growth: the limit caps the last doubling") {
   Link l(3, 1);
   l.run(1.0);

@@ -23,9 +23,8 @@ void read_cpu(GrowthSample& s);
 // CPUs this process may use: its affinity mask, bounded by a cgroup v2 quota.
 double usable_cores();
 
-// Doubles the connections (the first step: to kFirstStep) whenever the
-// consumer spent more than half of two windows in a row waiting for bytes
-// (or nine tenths of one), so a slow link
+// Doubles the connections whenever the consumer spent more than half of two
+// windows in a row waiting for bytes (or nine tenths of one), so a slow link
 // reaches the full count in a few steps while a fast one, whose consumer
 // waits only briefly between chunks, keeps its two.
 //
@@ -47,7 +46,6 @@ class GrowthPolicy {
   static constexpr double kGain = 1.25;            // a doubling must bring this much
   static constexpr double kBusyProcess = 0.6;      // of the usable cores
   static constexpr double kBusyMachine = 0.85;     // of all CPUs
-  static constexpr int kFirstStep = 4;             // connections after the first step
 
   explicit GrowthPolicy(double cores) : cores_(cores > 0 ? cores : 1) {}
 
