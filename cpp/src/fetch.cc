@@ -41,7 +41,6 @@
 //    counting time the consumer kept us blocked in emit). Waits poll every
 //    100 ms and backoff sleeps in 50 ms slices, so cancellation is prompt.
 #include "hubfast/fetch.h"
-#include "hubfast/fetch.h"
 
 #include <curl/curl.h>
 

@@ -11,8 +11,6 @@ namespace hubfast::http {
 
 std::string lower(std::string s);
 std::string trim(const std::string& s);
-bool parse_u64(const std::string& s, uint64_t& out);  // decimal digits only
-std::vector<std::string> split(const std::string& s, char sep);  // trimmed items
 std::string hex32(uint32_t v);  // big-endian hex, as digests print
 
 // "bytes a-b/total" -> a, b, total. total "*" is refused: we always know it.
