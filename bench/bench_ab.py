@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--b", default="", help="variant B: NAME=VALUE ...")
     ap.add_argument("--local", action="store_true", help="resolve the local file, no HTTP")
     ap.add_argument("--cap", type=float, default=0, help="bytes/s per connection (0: none)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="each run: wall, CPU, minor faults, involuntary switches, VM steal")
     args = ap.parse_args()
 
     arch = common.archive(args.size, args.kind)
@@ -61,7 +63,7 @@ def main() -> None:
     try:
         for i in range(args.runs):
             for v in ("AB" if i % 2 == 0 else "BA"):
-                outs[v].append(bench_fetch.child(bench_fetch.HUBFAST_CHILD, handle, variants[v])())
+                outs[v].append(bench_fetch.timed(bench_fetch.child(bench_fetch.HUBFAST_CHILD, handle, variants[v])))
     finally:
         if srv is not None:
             srv.close()
@@ -76,10 +78,18 @@ def main() -> None:
         r.update(tool=f"{v}: {args.a if v == 'A' else args.b or '(default)'}", size_mib=args.size,
                  kind=args.kind, local=args.local, cap=args.cap or None,
                  cpu_seconds=statistics.median(o["cpu_seconds"] for o in outs[v]),
-                 connections=[o.get("source", {}).get("connections") for o in outs[v]])
+                 connections=[o.get("source", {}).get("connections") for o in outs[v]],
+                 runs_detail=[{k: o.get(k) for k in ("seconds", "cpu_seconds", "minor_faults",
+                                                     "involuntary_switches", "steal_seconds")}
+                              for o in outs[v]])
         rows.append(r)
         print(f"  {r['tool']:40s} {r['median']:.3f} s [{r['min']:.3f}-{r['max']:.3f}]  "
               f"cpu {r['cpu_seconds']:.2f} s  connections {r['connections']}")
+        if args.verbose:
+            for o in r["runs_detail"]:
+                print(f"      {o['seconds']:.3f} s  cpu {o['cpu_seconds']:.2f} s  minor faults "
+                      f"{o['minor_faults']}  involuntary switches {o['involuntary_switches']}  "
+                      f"steal {o['steal_seconds']:.2f} s")
     common.record("ab", rows)
 
 

@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -58,7 +59,8 @@ st = hubfast.last_stats()
 assert not st.get("cached", True), st
 cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "rss_growth_mib": rss, "source": st.get("source", {}),
-                  "bytes_out": st.get("bytes_out")}))
+                  "bytes_out": st.get("bytes_out"), "minor_faults": r1.ru_minflt - r0.ru_minflt,
+                  "involuntary_switches": r1.ru_nivcsw - r0.ru_nivcsw}))
 """
 
 TFHUB_CHILD = r"""
@@ -98,13 +100,15 @@ def child(code: str, handle: str, env: Optional[Dict[str, str]] = None) -> Calla
     return run
 
 
-def measure_child(run: Callable[[], Dict], runs: int) -> Dict:
-    outs = [run() for _ in range(runs)]
+def summarize(outs: List[Dict]) -> Dict:
+    """Median, min and max of the runs' seconds, with what the runs report besides."""
     r = _summary([o["seconds"] for o in outs])
     if all("cpu_seconds" in o for o in outs):
         r["cpu_seconds"] = statistics.median(o["cpu_seconds"] for o in outs)
     if all("rss_growth_mib" in o for o in outs):
         r["rss_growth_mib"] = max(o["rss_growth_mib"] for o in outs)
+    if all("steal_seconds" in o for o in outs):
+        r["steal_seconds"] = [round(o["steal_seconds"], 2) for o in outs]
     src = outs[-1].get("source")
     if src:
         r["source"] = {k: src[k] for k in ("connections", "segments", "resumes", "retries",
@@ -112,19 +116,50 @@ def measure_child(run: Callable[[], Dict], runs: int) -> Dict:
     return r
 
 
-def shell(cmd: str, runs: int) -> Dict:
-    def setup() -> None:
-        shutil.rmtree(common.WORK / "scratch" / "pipe", ignore_errors=True)
-        (common.WORK / "scratch" / "pipe").mkdir(parents=True)
+def timed(run: Callable[[], Dict]) -> Dict:
+    """One run, with the VM's stolen CPU time meanwhile: this shared machine's slow phases
+    (the same work costing ~1.5x the CPU) come with steal, so a row can be read against it."""
+    s0 = common.steal_seconds()
+    o = run()
+    return dict(o, steal_seconds=common.steal_seconds() - s0)
 
-    r = common.measure(common.sh("set -o pipefail; " + cmd), runs, setup=setup)
-    shutil.rmtree(common.WORK / "scratch" / "pipe", ignore_errors=True)
-    return r
+
+def measure_child(run: Callable[[], Dict], runs: int) -> Dict:
+    return summarize([timed(run) for _ in range(runs)])
+
+
+def round_robin(tools: List[Tuple[str, Callable[[], Dict]]], runs: int) -> Dict[str, Dict]:
+    """Each round runs every tool once, so a slow phase of the machine falls on all of them
+    alike and the ratios between rows hold (runs of one tool back to back did not)."""
+    outs: Dict[str, List[Dict]] = {name: [] for name, _ in tools}
+    for _ in range(runs):
+        for name, run in tools:
+            outs[name].append(timed(run))
+    return {name: summarize(outs[name]) for name, _ in tools}
+
+
+def shell_once(cmd: str) -> Callable[[], Dict]:
+    """One run of a shell pipeline into an empty scratch directory, timed from outside."""
+    pipe = common.WORK / "scratch" / "pipe"
+
+    def run() -> Dict:
+        shutil.rmtree(pipe, ignore_errors=True)
+        pipe.mkdir(parents=True)
+        try:
+            t = time.perf_counter()
+            subprocess.run(["bash", "-c", "set -o pipefail; " + cmd], check=True, stdout=subprocess.DEVNULL)
+            return {"seconds": time.perf_counter() - t}
+        finally:
+            shutil.rmtree(pipe, ignore_errors=True)
+
+    return run
 
 
 def show(size: int, name: str, r: Dict) -> None:
     extra = f"  cpu {r['cpu_seconds']:.2f} s" if "cpu_seconds" in r else ""
     extra += f"  {r['source']}" if r.get("source") else ""
+    if any(x >= 0.05 for x in r.get("steal_seconds", [])):
+        extra += f"  VM steal {r['steal_seconds']} s"
     print(f"{size:5d} MiB  {name:44s} {r['median']:7.2f} s  [{r['min']:.2f}-{r['max']:.2f}]{extra}",
           flush=True)
 
@@ -166,24 +201,24 @@ def uncapped(srv, gz: Path, size: int, runs: int, tfhub: bool, zst: Optional[Pat
     archive_url = srv.url_for(HANDLE, "tf-hub-format=compressed")
     pipe_dir = common.WORK / "scratch" / "pipe"
     tools = [
-        (T_HUBFAST, lambda: measure_child(child(HUBFAST_CHILD, url), runs)),
-        (T_LOCAL, lambda: measure_child(child(HUBFAST_CHILD, str(gz)), runs)),
-        (T_PIPE, lambda: shell(f"curl -sf '{archive_url}' | igzip -dc | tar -x -C {pipe_dir}", runs)),
-        (T_CURL, lambda: shell(f"curl -sf -o /dev/null '{archive_url}'", runs)),
+        (T_HUBFAST, child(HUBFAST_CHILD, url)),
+        (T_LOCAL, child(HUBFAST_CHILD, str(gz))),
+        (T_PIPE, shell_once(f"curl -sf '{archive_url}' | igzip -dc | tar -x -C {pipe_dir}")),
+        (T_CURL, shell_once(f"curl -sf -o /dev/null '{archive_url}'")),
     ]
     if zst is not None:
         zst_url = srv.url_for(HANDLE_ZST)
         tools += [
-            (T_ZST, lambda: measure_child(child(HUBFAST_CHILD, zst_url), runs)),
-            (T_ZST_LOCAL, lambda: measure_child(child(HUBFAST_CHILD, str(zst)), runs)),
-            (T_ZST_PIPE, lambda: shell(f"curl -sf '{zst_url}' | zstd -qdc | tar -x -C {pipe_dir}", runs)),
-            (T_ZSTD_DC, lambda: shell(f"zstd -qdc {zst} > /dev/null", runs)),
+            (T_ZST, child(HUBFAST_CHILD, zst_url)),
+            (T_ZST_LOCAL, child(HUBFAST_CHILD, str(zst))),
+            (T_ZST_PIPE, shell_once(f"curl -sf '{zst_url}' | zstd -qdc | tar -x -C {pipe_dir}")),
+            (T_ZSTD_DC, shell_once(f"zstd -qdc {zst} > /dev/null")),
         ]
     if tfhub:
-        tools.append((T_TFHUB, lambda: measure_child(child(TFHUB_CHILD, url), runs)))
+        tools.append((T_TFHUB, child(TFHUB_CHILD, url)))
     rows = []
-    for name, fn in tools:
-        r = dict(fn(), tool=name, size_mib=size, archive_bytes=gz.stat().st_size, cap=None)
+    for name, r in round_robin(tools, runs).items():
+        r = dict(r, tool=name, size_mib=size, archive_bytes=gz.stat().st_size, cap=None)
         rows.append(r)
         show(size, name, r)
     return rows
@@ -196,17 +231,17 @@ def capped(srv, gz: Path, size: int, runs: int, cap: float) -> List[Dict]:
     cuts = [n * i // 8 for i in range(9)]
     ranged = " ".join(f"curl -sf -r {a}-{b - 1} -o /dev/null '{archive_url}' &" for a, b in zip(cuts, cuts[1:]))
     tools = [
-        (T_ONE, lambda: measure_child(child(HUBFAST_CHILD, url, {"HUBFAST_CONNECTIONS": "1"}), runs)),
-        (T_PAR, lambda: measure_child(child(HUBFAST_CHILD, url), runs)),
-        (T_CURL_CAP, lambda: shell(f"curl -sf -o /dev/null '{archive_url}'", runs)),
+        (T_ONE, child(HUBFAST_CHILD, url, {"HUBFAST_CONNECTIONS": "1"})),
+        (T_PAR, child(HUBFAST_CHILD, url)),
+        (T_CURL_CAP, shell_once(f"curl -sf -o /dev/null '{archive_url}'")),
         # What the server and loopback deliver on 8 connections, and what the machine decodes
         # and writes without a network: the two ceilings of the parallel download.
-        (T_CURL_PAR, lambda: shell(ranged + " wait", runs)),
-        (T_LOCAL_CAP, lambda: measure_child(child(HUBFAST_CHILD, str(gz)), runs)),
+        (T_CURL_PAR, shell_once(ranged + " wait")),
+        (T_LOCAL_CAP, child(HUBFAST_CHILD, str(gz))),
     ]
     rows = []
-    for name, fn in tools:
-        r = dict(fn(), tool=name, size_mib=size, archive_bytes=gz.stat().st_size, cap=cap)
+    for name, r in round_robin(tools, runs).items():
+        r = dict(r, tool=name, size_mib=size, archive_bytes=gz.stat().st_size, cap=cap)
         rows.append(r)
         show(size, name if name == T_LOCAL_CAP else name + f" @ {cap / 1e6:g} MB/s", r)
     return rows

@@ -978,6 +978,11 @@ class JobRun {
   JobRun(ParallelGzip& d, Job& job)
       : d_(d), job_(job), src_(d, job), C_(d.C_), st_(std::make_unique<inflate_state>()),
         snap_(std::make_unique<inflate_state>()) {}
+  // The buffer taken after the last piece goes back unused: one fresh 2 MiB
+  // buffer per job otherwise (traced: ~half the pieces' page faults).
+  ~JobRun() {
+    if (!piece_.marked) d_.recycle(std::move(piece_.bytes));
+  }
 
   struct Result {
     JobEnd end = JobEnd::kNone;

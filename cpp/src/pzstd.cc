@@ -12,6 +12,7 @@
 
 #include "hubfast/error.h"
 #include "hubfast/queue.h"
+#include "hubfast/spares.h"
 
 namespace hubfast {
 namespace {
@@ -27,31 +28,9 @@ bool is_skippable(const uint8_t* p, size_t n) {
   return (magic & 0xFFFFFFF0u) == 0x184D2A50u;
 }
 
-// Frame buffers are reused: a fresh 32 MiB buffer per frame is a fresh mmap
-// whose every page faults and is zeroed (a fifth of the time of a 1 GiB
-// extraction in profiles, more than zstd itself took).
-class Spares {
- public:
-  Bytes take(bool clear) {
-    std::lock_guard<std::mutex> lk(mu_);
-    if (spare_.empty()) return Bytes();
-    Bytes b = std::move(spare_.back());
-    spare_.pop_back();
-    if (clear) b.clear();
-    return b;
-  }
-  void give(Bytes b) {
-    if (b.capacity() == 0) return;
-    std::lock_guard<std::mutex> lk(mu_);
-    if (spare_.size() < kKeep) spare_.push_back(std::move(b));  // a few: idle buffers count in RSS
-  }
-
- private:
-  static constexpr size_t kKeep = 2;
-  std::mutex mu_;
-  std::vector<Bytes> spare_;  // with their capacity
-};
-
+// Frame buffers are reused (Spares): a fresh 32 MiB buffer per frame is a
+// fresh mmap whose every page faults and is zeroed (a fifth of the time of a
+// 1 GiB extraction in profiles, more than zstd itself took). Two are kept.
 struct Job {
   Bytes in, out;
   size_t cost = 0;  // in + declared content size, counted against kInflightBytes
@@ -257,7 +236,7 @@ class ParallelZstdDecoder : public Decoder {
   std::unique_ptr<Decoder> sequential_;
   uint64_t units_ = 0;
 
-  std::shared_ptr<Spares> spares_ = std::make_shared<Spares>();  // outlives us in the writer's queue
+  std::shared_ptr<Spares> spares_ = std::make_shared<Spares>(2);  // outlives us in the writer's queue
   SharedOutFn give_;
   std::mutex mu_;
   std::condition_variable todo_cv_, done_cv_;
