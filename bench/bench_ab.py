@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--local", action="store_true", help="resolve the local file, no HTTP")
     ap.add_argument("--cap", type=float, default=0, help="bytes/s per connection (0: none)")
     ap.add_argument("--verbose", action="store_true",
-                    help="each run: wall, CPU, minor faults, involuntary switches, VM steal")
+                    help="each run: wall, CPU, peak RSS growth, minor faults, involuntary switches, VM steal")
     args = ap.parse_args()
 
     arch = common.archive(args.size, args.kind)
@@ -79,7 +79,7 @@ def main() -> None:
                  kind=args.kind, local=args.local, cap=args.cap or None,
                  cpu_seconds=statistics.median(o["cpu_seconds"] for o in outs[v]),
                  connections=[o.get("source", {}).get("connections") for o in outs[v]],
-                 runs_detail=[{k: o.get(k) for k in ("seconds", "cpu_seconds", "minor_faults",
+                 runs_detail=[{k: o.get(k) for k in ("seconds", "cpu_seconds", "rss_growth_mib", "minor_faults",
                                                      "involuntary_switches", "steal_seconds")}
                               for o in outs[v]])
         rows.append(r)
@@ -87,7 +87,8 @@ def main() -> None:
               f"cpu {r['cpu_seconds']:.2f} s  connections {r['connections']}")
         if args.verbose:
             for o in r["runs_detail"]:
-                print(f"      {o['seconds']:.3f} s  cpu {o['cpu_seconds']:.2f} s  minor faults "
+                print(f"      {o['seconds']:.3f} s  cpu {o['cpu_seconds']:.2f} s  "
+                      f"peak RSS +{o['rss_growth_mib']:.0f} MiB  minor faults "
                       f"{o['minor_faults']}  involuntary switches {o['involuntary_switches']}  "
                       f"steal {o['steal_seconds']:.2f} s")
     common.record("ab", rows)

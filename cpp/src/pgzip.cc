@@ -62,6 +62,7 @@
 #include <vector>
 
 #include "hubfast/error.h"
+#include "hubfast/spares.h"
 #include "pgzip_inflate.h"
 
 namespace hubfast {
@@ -70,6 +71,10 @@ namespace hubfast {
 namespace {
 
 using namespace pgzip;
+
+// Clean pieces at least this long go to the writer whole, not copied out
+// (shorter ones, at a job's end, are not worth a queue slot).
+constexpr size_t kHandOverMin = 64 << 10;
 
 [[noreturn]] void integrity(const std::string& msg) {
   if (msg.rfind("gzip", 0) == 0) throw Error(ErrorKind::kIntegrity, msg);
@@ -238,6 +243,7 @@ class ParallelGzip : public Decoder {
     // Output a job may hold before it is its turn: 4 chunks' worth, within
     // ~96 MiB over all jobs in flight, never less than two pieces.
     budget_ = std::max<size_t>(std::min<size_t>(4 * C_, (96u << 20) / max_inflight_), 2 * piece_bytes_);
+    pieces_ = std::make_shared<Spares>(max_inflight_ * (budget_ / piece_bytes_ + 2));
     if (threads_ <= 1) {
       mode_ = Mode::kSequential;
       seq_ = std::make_unique<SeqGzip>();
@@ -269,15 +275,40 @@ class ParallelGzip : public Decoder {
       n -= k;
       total_in_ += k;
       if (open_->data.size() == C_) publish_open();
-      if (mode_ == Mode::kProbe && total_in_ >= threshold_) start_parallel();
-      if (mode_ == Mode::kParallel) {
-        drain(out, Wait::kNo);
-        drain(out, Wait::kBackpressure);
-      }
+      after_input(out);
     }
   }
 
+  // A whole segment at a segment boundary becomes one without a copy.
+  void feed_owned(Bytes&& in, const OutFn& out) override {
+    if (mode_ == Mode::kSequential || offsets_ || open_ || in.size() != C_) return feed(in.data(), in.size(), out);
+    in_order_ = true;
+    open_ = segment_of(open_index_, std::move(in));
+    total_in_ += C_;
+    publish_open();
+    after_input(out);
+  }
+
+  void feed_at_owned(uint64_t offset, Bytes&& in, const OutFn& out) override {
+    const uint64_t index = offset / C_;
+    if (threads_ <= 1 || in_order_ || in.size() != C_ || offset % C_ != 0 || partial_.count(index))
+      return feed_at(offset, in.data(), in.size(), out);
+    if (index < published_ || ahead_segs_.count(index)) given_twice(offset);
+    offsets_ = true;
+    end_ = std::max(end_, offset + C_);
+    total_in_ += C_;
+    publish_at(segment_of(index, std::move(in)));
+    after_input(out);
+  }
+
+  size_t input_segment_bytes() const override { return threads_ > 1 ? C_ : 0; }
+
+  void set_input_spares(std::shared_ptr<Spares> spares) override {
+    if (spares) seg_pool_ = std::move(spares);
+  }
+
   bool takes_offsets() const override { return threads_ > 1; }
+  void set_shared_out(SharedOutFn give) override { give_ = std::move(give); }
 
   // Stores the bytes in their segment; a segment complete is published (see
   // the top of this file). n == 0 only hands out the output ready, and waits
@@ -301,11 +332,17 @@ class ParallelGzip : public Decoder {
       in += k;
       n -= k;
       total_in_ += k;
-      if (mode_ == Mode::kProbe && total_in_ >= threshold_) start_parallel();
-      if (mode_ == Mode::kParallel) {
-        drain(out, Wait::kNo);
-        drain(out, Wait::kBackpressure);
-      }
+      after_input(out);
+    }
+  }
+
+  // After input: parallel once there is enough of it; then what is ready
+  // goes out, waiting while too much output is held (backpressure).
+  void after_input(const OutFn& out) {
+    if (mode_ == Mode::kProbe && total_in_ >= threshold_) start_parallel();
+    if (mode_ == Mode::kParallel) {
+      drain(out, Wait::kNo);
+      drain(out, Wait::kBackpressure);
     }
   }
 
@@ -369,29 +406,24 @@ class ParallelGzip : public Decoder {
   // ---- feeding thread ----
 
   std::shared_ptr<Segment> new_segment(uint64_t index) {
+    Bytes data = seg_pool_->take(true);
+    data.reserve(C_);
+    return segment_of(index, std::move(data));
+  }
+
+  std::shared_ptr<Segment> segment_of(uint64_t index, Bytes&& data) {
     // A segment's buffer goes back to the pool when its last reader lets
     // go of it: the deleter runs after the final reference count
     // decrement, so every read of the buffer happens before its reuse
     // (use_count() in trim_locked() gave no such order: a TSan report).
     auto pool = seg_pool_;
     auto seg = std::shared_ptr<Segment>(new Segment, [pool](Segment* seg) {
-      {
-        std::lock_guard<std::mutex> lk(pool->mu);
-        if (pool->free.size() < 4) pool->free.push_back(std::move(seg->data));
-      }
+      pool->give(std::move(seg->data));
       delete seg;
     });
     seg->index = index;
     seg->base = index * C_;
-    {
-      std::lock_guard<std::mutex> lk(pool->mu);
-      if (!pool->free.empty()) {
-        seg->data = std::move(pool->free.back());
-        pool->free.pop_back();
-        seg->data.clear();
-      }
-    }
-    seg->data.reserve(C_);
+    seg->data = std::move(data);
     return seg;
   }
 
@@ -671,7 +703,6 @@ class ParallelGzip : public Decoder {
     } else {
       bytes = p.bytes.data();
     }
-    if (p.len) out(bytes, p.len);
     size_t a = 0;
     for (size_t i = 0; i <= p.ends.size(); ++i) {
       size_t b = i < p.ends.size() ? p.ends[i].offset : p.len;
@@ -699,6 +730,18 @@ class ParallelGzip : public Decoder {
     }
     uint64_t since = p.ends.empty() ? uint64_t(win_.valid) + p.len : p.len - p.ends.back().offset;
     win_.valid = uint32_t(std::min<uint64_t>(since, kWindow));
+    if (!p.marked && give_ && p.len >= kHandOverMin) {
+      // Whole, instead of copied out (a copy of the archive's whole output):
+      // the buffer comes back to pieces_ once the writer is done with it.
+      p.bytes.resize(p.len);
+      auto pieces = pieces_;
+      give_(std::shared_ptr<const Bytes>(new Bytes(std::move(p.bytes)), [pieces](Bytes* b) {
+        pieces->give(std::move(*b));
+        delete b;
+      }));
+      return;
+    }
+    if (p.len) out(bytes, p.len);
     if (!p.marked) recycle(std::move(p.bytes));
   }
 
@@ -891,21 +934,13 @@ class ParallelGzip : public Decoder {
   }
 
   std::vector<uint8_t> take_buffer() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (!pool_.empty()) {
-        auto b = std::move(pool_.back());
-        pool_.pop_back();
-        return b;
-      }
-    }
-    return std::vector<uint8_t>(piece_bytes_);
+    Bytes b = pieces_->take(false);
+    b.resize(piece_bytes_);  // a piece handed over was cut to its length
+    return b;
   }
 
   void recycle(std::vector<uint8_t>&& b) {
-    if (b.size() != piece_bytes_) return;
-    std::lock_guard<std::mutex> lk(mu_);
-    if (pool_.size() < max_inflight_ * (budget_ / piece_bytes_ + 2)) pool_.push_back(std::move(b));
+    if (b.capacity() >= piece_bytes_) pieces_->give(std::move(b));
   }
 
   const int threads_;
@@ -957,14 +992,14 @@ class ParallelGzip : public Decoder {
   std::deque<std::shared_ptr<Job>> queue_;
   uint64_t next_job_ = 0;
   std::shared_ptr<Job> cur_;
-  std::vector<std::vector<uint8_t>> pool_;      // output piece buffers
+  // Output piece buffers; shared with the pieces handed over whole, which
+  // come back from the writer's queue, maybe after we are gone.
+  std::shared_ptr<Spares> pieces_;
+  SharedOutFn give_;
   // Buffers of segments nobody reads any more, reused instead of faulting in
-  // fresh pages; shared with the segments' deleters, which may outlive us.
-  struct SegPool {
-    std::mutex mu;
-    std::vector<std::vector<uint8_t>> free;
-  };
-  std::shared_ptr<SegPool> seg_pool_ = std::make_shared<SegPool>();
+  // fresh pages; shared with the segments' deleters, which may outlive us,
+  // and with the caller that fills them (set_input_spares()).
+  std::shared_ptr<Spares> seg_pool_ = std::make_shared<Spares>(4);
   Stats stats_;
   std::atomic<uint64_t> floor_{0};  // input_floor(): seg_first_ * C_
 

@@ -41,31 +41,39 @@ struct Chunk {
 // another offset than the end of the current chunk starts a new one. Chunk
 // buffers come back from the consuming stage through `spares` (a fresh 1 MiB
 // buffer per chunk faulted ~70k pages per GiB: 5% of a local resolve's CPU).
+// The chunk size may grow while it runs: to the decoder's input segment, once
+// the decoder is known, so that whole chunks go to it by move.
 class Chunker {
  public:
-  Chunker(BoundedQueue<Chunk>& q, size_t chunk, Spares& spares) : q_(q), chunk_(chunk), spares_(spares) {}
+  Chunker(BoundedQueue<Chunk>& q, const std::atomic<size_t>& chunk, Spares& spares)
+      : q_(q), chunk_size_(chunk), spares_(spares) {}
   void put(const uint8_t* p, size_t n) { put_at(next_, p, n); }
   void put_at(uint64_t off, const uint8_t* p, size_t n) {
     if (off != buf_.offset + buf_.bytes.size()) {
       flush();
       buf_.offset = off;
     }
+    const size_t chunk_ = chunk_size_.load(std::memory_order_relaxed);
     while (n > 0) {
       if (buf_.bytes.capacity() < chunk_) {
         if (buf_.bytes.empty()) buf_.bytes = spares_.take(true);
         buf_.bytes.reserve(chunk_);
       }
-      size_t take = std::min(n, chunk_ - buf_.bytes.size());
+      // Chunks end at multiples of the chunk size in the stream: after a
+      // piece cut short, the next ones are whole and aligned again.
+      const uint64_t end = buf_.offset + buf_.bytes.size();
+      size_t take = std::min<uint64_t>(n, chunk_ - end % chunk_);
       buf_.bytes.insert(buf_.bytes.end(), p, p + take);
       p += take;
       n -= take;
-      if (buf_.bytes.size() == chunk_) flush();
+      if ((end + take) % chunk_ == 0) flush();
     }
     next_ = std::max(next_, buf_.offset + buf_.bytes.size());
   }
   // A whole buffer goes on in slices of the chunk size that share it: the
   // queue's bound still counts chunk-sized pieces.
   void put_shared(std::shared_ptr<const Bytes> b) {
+    const size_t chunk_ = chunk_size_.load(std::memory_order_relaxed);
     flush();
     for (size_t pos = 0; pos < b->size(); pos += chunk_) {
       Chunk c;
@@ -88,7 +96,7 @@ class Chunker {
 
  private:
   BoundedQueue<Chunk>& q_;
-  size_t chunk_;
+  const std::atomic<size_t>& chunk_size_;
   Spares& spares_;
   Chunk buf_;
   uint64_t next_ = 0;
@@ -141,8 +149,13 @@ class FirstError {
 
 ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, const PollFn& poll) {
   BoundedQueue<Chunk> compressed(opt.queue_chunks), decoded(opt.queue_chunks);
-  // Each queue's chunks, back from their consumer; as many as can be in use at once.
-  Spares compressed_spares(opt.queue_chunks + 2), decoded_spares(opt.queue_chunks + 2);
+  // The compressed chunks' size: the decoder's input segment once it is known.
+  std::atomic<size_t> in_chunk{opt.chunk_bytes};
+  const std::atomic<size_t> out_chunk{opt.chunk_bytes};
+  // Each queue's chunks, back from their consumer; as many as can be in use
+  // at once (compressed ones also from the segments a parallel decoder holds).
+  auto compressed_spares = std::make_shared<Spares>(opt.queue_chunks + 8);
+  Spares decoded_spares(opt.queue_chunks + 2);
   Decision decision;
   std::atomic<uint64_t> input_floor{0};  // the decoder's, for the source's window
   CancelToken cancel;
@@ -170,7 +183,7 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
     try {
       std::unique_ptr<Digest> sha;
       if (!opt.expected_sha256.empty()) sha = std::make_unique<Digest>(DigestAlgo::kSha256);
-      Chunker out(compressed, opt.chunk_bytes, compressed_spares);
+      Chunker out(compressed, in_chunk, *compressed_spares);
       struct Probe {  // the queue dies with extract(); the source may not
         Source& s;
         ~Probe() {
@@ -217,7 +230,7 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
     double busy = 0;
     try {
       std::unique_ptr<Decoder> dec;
-      Chunker out(decoded, opt.chunk_bytes, decoded_spares);
+      Chunker out(decoded, out_chunk, decoded_spares);
       auto emit = [&](const uint8_t* p, size_t n) { out.put(p, n); };
       bool any = false, offsets = false;
       for (;;) {
@@ -242,17 +255,19 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
           stats.compression = detect_compression(b.data(), b.size());
           dec = make_decoder(stats.compression, opt.decode);
           dec->set_shared_out([&](std::shared_ptr<const Bytes> b) { out.put_shared(std::move(b)); });
+          dec->set_input_spares(compressed_spares);
+          if (size_t seg = dec->input_segment_bytes()) in_chunk.store(std::max(seg, opt.chunk_bytes));
           offsets = dec->takes_offsets();
           decision.set(offsets);
         }
         any = true;
         if (offsets) {
-          dec->feed_at(chunk->offset, b.data(), b.size(), emit);
+          dec->feed_at_owned(chunk->offset, std::move(chunk->bytes), emit);
           input_floor.store(dec->input_floor(), std::memory_order_relaxed);
         } else {
-          dec->feed(b.data(), b.size(), emit);
+          dec->feed_owned(std::move(chunk->bytes), emit);
         }
-        compressed_spares.give(std::move(chunk->bytes));
+        compressed_spares->give(std::move(chunk->bytes));  // unless the decoder kept it
         busy += since(t);
       }
       if (cancel.cancelled()) throw Error(ErrorKind::kCancelled, "cancelled");

@@ -24,6 +24,7 @@
 #include "hubfast/decode.h"
 #include "hubfast/error.h"
 #include "hubfast/pgzip.h"
+#include "hubfast/spares.h"
 
 using namespace hubfast;
 
@@ -1159,5 +1160,56 @@ TEST_CASE("pgzip: out of order (feed_at): abandoned mid-stream, and an out() tha
     }
     CHECK(stopped);
     d.reset();
+  }
+}
+
+// ---- input and output handed over whole (no copies) ---------------------------
+
+TEST_CASE("pgzip: whole segments taken by move, pieces handed out whole, buffers back to the spares", "[pgzip]") {
+  const size_t chunk = 256 << 10;
+  Bytes data = mixed(6 << 20, 131);
+  Bytes gz = gzip(data);
+  REQUIRE(gz.size() > 4 * chunk);
+  for (bool at : {false, true}) {
+    INFO((at ? "feed_at_owned" : "feed_owned"));
+    auto spares = std::make_shared<Spares>(64);
+    auto d = make_parallel_gzip_decoder(2, chunk);
+    d->set_input_spares(spares);
+    Bytes out;
+    size_t shared_bytes = 0;
+    std::vector<std::shared_ptr<const Bytes>> held;  // as the writer's queue holds them
+    d->set_shared_out([&](std::shared_ptr<const Bytes> b) {
+      out.insert(out.end(), b->begin(), b->end());
+      shared_bytes += b->size();
+      held.push_back(std::move(b));
+    });
+    auto sink = [&](const uint8_t* p, size_t n) { out.insert(out.end(), p, p + n); };
+    // Segments: whole ones by move; in the out-of-order case in a shuffled
+    // order; the first in odd pieces (copied), the last (short) copied.
+    std::vector<uint64_t> order;
+    for (uint64_t off = chunk; off + chunk <= gz.size(); off += chunk) order.push_back(off);
+    if (at) std::shuffle(order.begin(), order.end(), std::mt19937(7));
+    size_t taken = 0;
+    auto give = [&](uint64_t off, size_t n) {
+      Bytes b(gz.begin() + off, gz.begin() + off + n);
+      if (at)
+        d->feed_at_owned(off, std::move(b), sink);
+      else
+        d->feed_owned(std::move(b), sink);
+      if (b.empty()) ++taken;
+    };
+    for (uint64_t off = 0; off < chunk; off += 100000) give(off, std::min<uint64_t>(100000, chunk - off));
+    for (uint64_t off : order) give(off, chunk);
+    const uint64_t tail = (gz.size() / chunk) * chunk;
+    if (tail < gz.size()) give(tail, gz.size() - tail);
+    d->finish(sink);
+    CHECK(taken == order.size());
+    REQUIRE(out.size() == data.size());
+    CHECK(out == data);
+    CHECK(shared_bytes > data.size() / 2);
+    d.reset();
+    held.clear();  // the last holders let go: the buffers come back
+    Bytes back = spares->take(false);
+    CHECK(back.capacity() >= chunk);
   }
 }

@@ -11,6 +11,8 @@
 
 namespace hubfast {
 
+class Spares;
+
 enum class Compression { kNone, kGzip, kZstd, kBzip2, kXz };
 
 const char* compression_name(Compression c);
@@ -52,6 +54,18 @@ class Decoder {
   // parallel) hands them to `give` instead of copying them through `out`;
   // what goes through either keeps the output's order.
   virtual void set_shared_out(SharedOutFn give) {}
+
+  // Input the caller is done with, as feed() and feed_at(): a decoder that
+  // keeps its input (parallel gzip's segments) takes a whole aligned segment
+  // of it by move instead of copying it; what it leaves in `in` the caller
+  // may reuse. Spent input buffers go to `spares` (the caller's, to fill again).
+  virtual void feed_owned(std::vector<uint8_t>&& in, const OutFn& out) { feed(in.data(), in.size(), out); }
+  virtual void feed_at_owned(uint64_t offset, std::vector<uint8_t>&& in, const OutFn& out) {
+    feed_at(offset, in.data(), in.size(), out);
+  }
+  virtual void set_input_spares(std::shared_ptr<Spares> spares) {}
+  // The size of those whole segments (0: the decoder copies all its input).
+  virtual size_t input_segment_bytes() const { return 0; }
 };
 
 struct DecodeOptions {
