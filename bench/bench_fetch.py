@@ -12,6 +12,9 @@ of a process resolving a 2 GiB model.
 Every resolve runs in a fresh subprocess on a fresh TFHUB_CACHE_DIR, and is timed inside
 the subprocess around the resolve call only (imports excluded: tensorflow_hub imports
 TensorFlow). Shell pipelines are timed from outside (their start-up is a few ms).
+The tools of a table run round robin (each round runs every tool once), so that a slow
+phase of this shared machine falls on all rows alike; each run records the VM's stolen CPU
+time meanwhile (`steal_seconds` in the JSON lines).
 The server (hubfast.testing.server, in this process) streams the archive from the page cache
 with ETag, Accept-Ranges and x-goog-hash (crc32c, md5) like GCS.
 
