@@ -98,7 +98,7 @@ std::vector<uint32_t> Parallel::consume_any(const std::function<void(uint64_t, c
     {
       std::unique_lock<std::mutex> lk(mu_);
       if (head_ >= nseg_) break;
-      for (;;) {
+      for (bool idle = false;; idle = true) {
         if (error_) std::rethrow_exception(error_);
         for (uint64_t i = head_; i < next_; ++i) {
           Slot& s = slots_[i % window_];
@@ -106,9 +106,11 @@ std::vector<uint32_t> Parallel::consume_any(const std::function<void(uint64_t, c
         }
         if (!ready.empty()) break;
         if (cancel_.cancelled()) throw Error(ErrorKind::kCancelled, "download cancelled: " + src_.url_);
-        if (flush) {
+        if (flush && (idle || floor_waiters_ > 0)) {
           // Bytes the sink holds may be what moves the floor that the
           // workers wait on (a stalled segment's part: a deadlock, before).
+          // Not before every wait: a flush cuts the sink's chunk short, and
+          // the decoder copies what it could have taken whole.
           lk.unlock();
           flush();
           lk.lock();
@@ -185,7 +187,12 @@ void Parallel::worker() {
       {
         std::unique_lock<std::mutex> lk(mu_);
         // Timed: the consumer's release point moves without a notify.
-        while (!(stopping_ || error_ || next_ >= nseg_ || claimable_locked())) work_cv_.wait_for(lk, kGrowAfter);
+        while (!(stopping_ || error_ || next_ >= nseg_ || claimable_locked())) {
+          ++floor_waiters_;
+          data_cv_.notify_all();  // the consumer flushes what moves the floor
+          work_cv_.wait_for(lk, kGrowAfter);
+          --floor_waiters_;
+        }
         if (stopping_ || error_ || next_ >= nseg_) return;
         i = next_++;
         s = &slots_[i % window_];

@@ -147,6 +147,7 @@ class Parallel {
   int64_t waiting_ = -1;  // segment the consumer waits for, and for how much of it
   uint64_t wanted_ = 0;
   bool any_waiting_ = false;  // consume_any() waits for any segment
+  int floor_waiters_ = 0;     // workers waiting for the consumer's release point
   std::function<uint64_t()> floor_;  // consume_any(): the consumer's release point
   std::chrono::nanoseconds waited() const {
     if (probe_) return std::chrono::nanoseconds(int64_t(probe_() * 1e9));
