@@ -66,11 +66,9 @@ def drop_page_cache_of(path: Path) -> None:
             pass
 
 
-def measure(fn: Callable[[], None], runs: int = 3, setup: Optional[Callable[[], None]] = None) -> Dict:
+def measure(fn: Callable[[], None], runs: int = 3) -> Dict:
     samples: List[float] = []
     for _ in range(runs):
-        if setup:
-            setup()
         t = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t)

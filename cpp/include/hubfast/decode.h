@@ -58,11 +58,12 @@ class Decoder {
   // Input the caller is done with, as feed() and feed_at(): a decoder that
   // keeps its input (parallel gzip's segments) takes a whole aligned segment
   // of it by move instead of copying it; what it leaves in `in` the caller
-  // may reuse. Spent input buffers go to `spares` (the caller's, to fill again).
+  // may reuse.
   virtual void feed_owned(std::vector<uint8_t>&& in, const OutFn& out) { feed(in.data(), in.size(), out); }
   virtual void feed_at_owned(uint64_t offset, std::vector<uint8_t>&& in, const OutFn& out) {
     feed_at(offset, in.data(), in.size(), out);
   }
+  // Where the input buffers it took go once spent: the caller's pool, to fill again.
   virtual void set_input_spares(std::shared_ptr<Spares> spares) {}
   // The size of those whole segments (0: the decoder copies all its input).
   virtual size_t input_segment_bytes() const { return 0; }
