@@ -22,6 +22,9 @@ constexpr size_t kMaxFrameBuffer = 64u << 20;  // larger frames: sequential
 // at this many bytes: 32 MiB frames on 2 threads held ~470 MiB without it.
 constexpr size_t kInflightBytes = 96u << 20;
 
+constexpr size_t kMiB = 1u << 20;
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
 bool is_skippable(const uint8_t* p, size_t n) {
   if (n < 4) return false;
   uint32_t magic = uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
@@ -30,7 +33,9 @@ bool is_skippable(const uint8_t* p, size_t n) {
 
 // Frame buffers are reused (Spares): a fresh 32 MiB buffer per frame is a
 // fresh mmap whose every page faults and is zeroed (a fifth of the time of a
-// 1 GiB extraction in profiles, more than zstd itself took). Two are kept.
+// 1 GiB extraction in profiles, more than zstd itself took). Compressed and
+// decoded frames have pools of their own, each as deep as can be in use at
+// once: two shared ones faulted ~60k fresh pages per GiB.
 struct Job {
   Bytes in, out;
   size_t cost = 0;  // in + declared content size, counted against kInflightBytes
@@ -41,7 +46,13 @@ struct Job {
 
 class ParallelZstdDecoder : public Decoder {
  public:
-  ParallelZstdDecoder(int threads, const DecodeOptions& opt) : opt_(opt), max_inflight_(size_t(threads) * 2) {
+  ParallelZstdDecoder(int threads, const DecodeOptions& opt)
+      : opt_(opt),
+        max_inflight_(size_t(threads) * 2),
+        // Compressed: the jobs' inputs and pending_. Decoded: the jobs'
+        // outputs and the frames the writer's queue (8 chunks) still holds.
+        in_spares_(std::make_shared<Spares>(max_inflight_ + 1)),
+        out_spares_(std::make_shared<Spares>(max_inflight_ + 3)) {
     for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { work(); });
   }
 
@@ -79,8 +90,11 @@ class ParallelZstdDecoder : public Decoder {
         // The usual case, a frame that began in pending_ and has just been
         // completed: hand the buffer itself over and keep only the (small)
         // rest, instead of copying the whole frame out.
-        Bytes rest = spares_->take(true);
-        rest.reserve(len + len / 4);  // frames are alike: the next one fills it without regrowing
+        // Frames are alike: the next one fills it without regrowing. A spare
+        // a little small is still taken (compressed sizes vary by KiBs, and
+        // an exact reserve reallocated about every other frame: fresh pages).
+        Bytes rest = in_spares_->take(true);
+        if (rest.capacity() < len + len / 8) rest.reserve(round_up(len + len / 4, kMiB));
         rest.insert(rest.end(), pending_.begin() + long(len), pending_.end());
         pending_.resize(len);
         Bytes frame;
@@ -163,14 +177,14 @@ class ParallelZstdDecoder : public Decoder {
       if (give_ && !job->out.empty()) {
         // The writer gets the frame itself; the buffer comes back to the
         // spares when its last slice is written.
-        std::shared_ptr<Spares> spares = spares_;
+        std::shared_ptr<Spares> spares = out_spares_;
         give_(std::shared_ptr<const Bytes>(new Bytes(std::move(job->out)), [spares](Bytes* b) {
           spares->give(std::move(*b));
           delete b;
         }));
       } else {
         if (!job->out.empty()) out(job->out.data(), job->out.size());
-        spares_->give(std::move(job->out));
+        out_spares_->give(std::move(job->out));
       }
       ++units_;
       wait = false;
@@ -199,9 +213,9 @@ class ParallelZstdDecoder : public Decoder {
         job = todo_.front();
         todo_.pop_front();
       }
-      job->out = spares_->take(false);
+      job->out = out_spares_->take(false);
       decode(dctx, *job);
-      spares_->give(std::move(job->in));
+      in_spares_->give(std::move(job->in));
       {
         std::lock_guard<std::mutex> lk(mu_);
         job->done = true;
@@ -236,7 +250,8 @@ class ParallelZstdDecoder : public Decoder {
   std::unique_ptr<Decoder> sequential_;
   uint64_t units_ = 0;
 
-  std::shared_ptr<Spares> spares_ = std::make_shared<Spares>(2);  // outlives us in the writer's queue
+  std::shared_ptr<Spares> in_spares_;
+  std::shared_ptr<Spares> out_spares_;  // outlives us in the writer's queue
   SharedOutFn give_;
   std::mutex mu_;
   std::condition_variable todo_cv_, done_cv_;
