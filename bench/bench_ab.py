@@ -60,11 +60,13 @@ def main() -> None:
         srv.precompute_digests(path)
         srv.start()
         handle = srv.url + path
+    common.ballast(args.size)  # see common.COLD_PAGES
     try:
         for i in range(args.runs):
             for v in ("AB" if i % 2 == 0 else "BA"):
                 outs[v].append(bench_fetch.timed(bench_fetch.child(bench_fetch.HUBFAST_CHILD, handle, variants[v])))
     finally:
+        common.free_pending()
         if srv is not None:
             srv.close()
 

@@ -43,6 +43,7 @@ HANDLE = "/bench/model/1"
 HUBFAST_CHILD = r"""
 import json, resource, sys, time
 import hubfast
+""" + common.FREE_PENDING_CODE + r"""
 def status_kib(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
@@ -63,12 +64,14 @@ assert not st.get("cached", True), st
 cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "rss_growth_mib": rss, "source": st.get("source", {}),
                   "bytes_out": st.get("bytes_out"), "minor_faults": r1.ru_minflt - r0.ru_minflt,
-                  "involuntary_switches": r1.ru_nivcsw - r0.ru_nivcsw}))
+                  "involuntary_switches": r1.ru_nivcsw - r0.ru_nivcsw,
+                  "sys_seconds": r1.ru_stime - r0.ru_stime, "voluntary_switches": r1.ru_nvcsw - r0.ru_nvcsw}))
 """
 
 TFHUB_CHILD = r"""
 import json, sys, time
 import tensorflow_hub as hub
+""" + common.FREE_PENDING_CODE + r"""
 t = time.perf_counter()
 hub.resolve(sys.argv[1])
 print(json.dumps({"seconds": time.perf_counter() - t}))
@@ -84,12 +87,13 @@ def child(code: str, handle: str, env: Optional[Dict[str, str]] = None) -> Calla
     """A run: a fresh process and cache resolving `handle`; returns the child's JSON line."""
 
     def run() -> Dict:
-        cache = common.fresh_dir("fetch-cache")
+        cache = common.run_dir("fetch-cache")
         e = {k: v for k, v in os.environ.items()
              if not k.startswith(("HUBFAST_", "TFHUB_")) and k.lower() not in
              ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
         pp = PYTHON_DIR + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-        e.update(PYTHONPATH=pp, TFHUB_CACHE_DIR=str(cache), TF_CPP_MIN_LOG_LEVEL="3")
+        e.update(PYTHONPATH=pp, TFHUB_CACHE_DIR=str(cache), TF_CPP_MIN_LOG_LEVEL="3",
+                 BENCH_FREE=common.take_pending())
         e.update(env or {})
         try:
             p = subprocess.run([sys.executable, "-c", code, handle], env=e, capture_output=True,
@@ -98,7 +102,7 @@ def child(code: str, handle: str, env: Optional[Dict[str, str]] = None) -> Calla
                 raise RuntimeError(f"child failed ({p.returncode}): {p.stderr[-3000:]}")
             return json.loads(p.stdout.strip().splitlines()[-1])
         finally:
-            shutil.rmtree(cache, ignore_errors=True)
+            common.release(cache)
 
     return run
 
@@ -128,32 +132,48 @@ def timed(run: Callable[[], Dict]) -> Dict:
 
 
 def measure_child(run: Callable[[], Dict], runs: int) -> Dict:
-    return summarize([timed(run) for _ in range(runs)])
+    try:
+        return summarize([timed(run) for _ in range(runs)])
+    finally:
+        common.free_pending()
 
 
-def round_robin(tools: List[Tuple[str, Callable[[], Dict]]], runs: int) -> Dict[str, Dict]:
+def round_robin(tools: List[Tuple[str, Callable[[], Dict]]], runs: int,
+                ballast_mib: int = 0) -> Dict[str, Dict]:
     """Each round runs every tool once, so a slow phase of the machine falls on all of them
-    alike and the ratios between rows hold (runs of one tool back to back did not)."""
+    alike and the ratios between rows hold (runs of one tool back to back did not). Every
+    run starts right after the previous run's output is deleted (common.COLD_PAGES); a
+    ballast of `ballast_mib` stands in before the first."""
     outs: Dict[str, List[Dict]] = {name: [] for name, _ in tools}
-    for _ in range(runs):
-        for name, run in tools:
-            outs[name].append(timed(run))
+    common.ballast(ballast_mib)
+    try:
+        for _ in range(runs):
+            for name, run in tools:
+                outs[name].append(timed(run))
+    finally:
+        common.free_pending()
     return {name: summarize(outs[name]) for name, _ in tools}
 
 
-def shell_once(cmd: str) -> Callable[[], Dict]:
-    """One run of a shell pipeline into an empty scratch directory, timed from outside."""
+def shell_once(cmd: str, writes: bool = True) -> Callable[[], Dict]:
+    """One run of a shell pipeline into an empty scratch directory, timed from outside. One
+    that `writes` nothing leaves the released outputs to the next run that does."""
     pipe = common.WORK / "scratch" / "pipe"
 
     def run() -> Dict:
         shutil.rmtree(pipe, ignore_errors=True)
         pipe.mkdir(parents=True)
         try:
+            if writes:
+                common.free_pending()
             t = time.perf_counter()
             subprocess.run(["bash", "-c", "set -o pipefail; " + cmd], check=True, stdout=subprocess.DEVNULL)
             return {"seconds": time.perf_counter() - t}
         finally:
-            shutil.rmtree(pipe, ignore_errors=True)
+            done = common.run_dir("pipe-done")  # the command's path is fixed: move its output aside
+            done.rmdir()
+            os.rename(pipe, done)
+            common.release(done)
 
     return run
 
@@ -207,7 +227,7 @@ def uncapped(srv, gz: Path, size: int, runs: int, tfhub: bool, zst: Optional[Pat
         (T_HUBFAST, child(HUBFAST_CHILD, url)),
         (T_LOCAL, child(HUBFAST_CHILD, str(gz))),
         (T_PIPE, shell_once(f"curl -sf '{archive_url}' | igzip -dc | tar -x -C {pipe_dir}")),
-        (T_CURL, shell_once(f"curl -sf -o /dev/null '{archive_url}'")),
+        (T_CURL, shell_once(f"curl -sf -o /dev/null '{archive_url}'", writes=False)),
     ]
     if zst is not None:
         zst_url = srv.url_for(HANDLE_ZST)
@@ -215,12 +235,12 @@ def uncapped(srv, gz: Path, size: int, runs: int, tfhub: bool, zst: Optional[Pat
             (T_ZST, child(HUBFAST_CHILD, zst_url)),
             (T_ZST_LOCAL, child(HUBFAST_CHILD, str(zst))),
             (T_ZST_PIPE, shell_once(f"curl -sf '{zst_url}' | zstd -qdc | tar -x -C {pipe_dir}")),
-            (T_ZSTD_DC, shell_once(f"zstd -qdc {zst} > /dev/null")),
+            (T_ZSTD_DC, shell_once(f"zstd -qdc {zst} > /dev/null", writes=False)),
         ]
     if tfhub:
         tools.append((T_TFHUB, child(TFHUB_CHILD, url)))
     rows = []
-    for name, r in round_robin(tools, runs).items():
+    for name, r in round_robin(tools, runs, ballast_mib=size).items():
         r = dict(r, tool=name, size_mib=size, archive_bytes=gz.stat().st_size, cap=None)
         rows.append(r)
         show(size, name, r)
@@ -236,14 +256,14 @@ def capped(srv, gz: Path, size: int, runs: int, cap: float) -> List[Dict]:
     tools = [
         (T_ONE, child(HUBFAST_CHILD, url, {"HUBFAST_CONNECTIONS": "1"})),
         (T_PAR, child(HUBFAST_CHILD, url)),
-        (T_CURL_CAP, shell_once(f"curl -sf -o /dev/null '{archive_url}'")),
+        (T_CURL_CAP, shell_once(f"curl -sf -o /dev/null '{archive_url}'", writes=False)),
         # What the server and loopback deliver on 8 connections, and what the machine decodes
         # and writes without a network: the two ceilings of the parallel download.
-        (T_CURL_PAR, shell_once(ranged + " wait")),
+        (T_CURL_PAR, shell_once(ranged + " wait", writes=False)),
         (T_LOCAL_CAP, child(HUBFAST_CHILD, str(gz))),
     ]
     rows = []
-    for name, r in round_robin(tools, runs).items():
+    for name, r in round_robin(tools, runs, ballast_mib=size).items():
         r = dict(r, tool=name, size_mib=size, archive_bytes=gz.stat().st_size, cap=cap)
         rows.append(r)
         show(size, name if name == T_LOCAL_CAP else name + f" @ {cap / 1e6:g} MB/s", r)
@@ -370,7 +390,7 @@ def main() -> None:
         sizes, runs, cap_sizes, rss_size = [64], 1, [128], 0
     else:
         sizes, runs = [int(s) for s in args.sizes.split(",")], args.runs
-        cap_sizes = [int(s) for s in str(args.cap_size).split(",")]
+        cap_sizes = [int(s) for s in str(args.cap_size).split(",") if s.strip()]
         rss_size = args.rss_size
     if args.cap_only:
         sizes, rss_size = [], 0
