@@ -1,8 +1,10 @@
 #include "hubfast/pzstd.h"
 
+#define ZSTD_STATIC_LINKING_ONLY  // ZSTD_d_stableOutBuffer: a parameter, no static-only symbol
 #include <zstd.h>
 #include <zstd_errors.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <deque>
 #include <memory>
@@ -21,24 +23,34 @@ constexpr size_t kMaxFrameBuffer = 64u << 20;  // larger frames: sequential
 // Frames in flight (compressed in, decoded out) beyond one per thread stop
 // at this many bytes: 32 MiB frames on 2 threads held ~470 MiB without it.
 constexpr size_t kInflightBytes = 96u << 20;
+constexpr size_t kCopyBuffer = 256u << 10;  // input given by pointer is copied into buffers this large
+constexpr uint32_t kSkippableMask = 0xFFFFFFF0u;
+constexpr uint32_t kSkippableMagic = 0x184D2A50u;
 
-constexpr size_t kMiB = 1u << 20;
-size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
-
-bool is_skippable(const uint8_t* p, size_t n) {
-  if (n < 4) return false;
-  uint32_t magic = uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
-  return (magic & 0xFFFFFFF0u) == 0x184D2A50u;
+uint32_t le32(const uint8_t* p) {
+  return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
 }
 
-// Frame buffers are reused (Spares): a fresh 32 MiB buffer per frame is a
+[[noreturn]] void corrupt(const std::string& why) { throw Error(ErrorKind::kIntegrity, "zstd stream is corrupt: " + why); }
+
+// A frame's compressed bytes are the input buffers themselves (shared, not
+// copied into one contiguous frame: that copy was a memcpy of the whole
+// archive and ~60 MiB of fresh buffers), decoded by streaming them into the
+// output buffer (ZSTD_d_stableOutBuffer: no window of zstd's own).
+struct Piece {
+  std::shared_ptr<const Bytes> buf;
+  const uint8_t* p;
+  size_t n;
+};
+
+// Output buffers are reused (Spares): a fresh 32 MiB buffer per frame is a
 // fresh mmap whose every page faults and is zeroed (a fifth of the time of a
-// 1 GiB extraction in profiles, more than zstd itself took). Compressed and
-// decoded frames have pools of their own, each as deep as can be in use at
-// once: two shared ones faulted ~60k fresh pages per GiB.
+// 1 GiB extraction in profiles, more than zstd itself took).
 struct Job {
-  Bytes in, out;
-  size_t cost = 0;  // in + declared content size, counted against kInflightBytes
+  std::vector<Piece> in;
+  size_t content = 0;
+  Bytes out;
+  size_t cost = 0;  // in + content size, counted against kInflightBytes
   std::string error;
   bool limit = false;
   bool done = false;
@@ -49,9 +61,7 @@ class ParallelZstdDecoder : public Decoder {
   ParallelZstdDecoder(int threads, const DecodeOptions& opt)
       : opt_(opt),
         max_inflight_(size_t(threads) * 2),
-        // Compressed: the jobs' inputs and pending_. Decoded: the jobs'
-        // outputs and the frames the writer's queue (8 chunks) still holds.
-        in_spares_(std::make_shared<Spares>(max_inflight_ + 1)),
+        // The jobs' outputs and the frames the writer's queue (8 chunks) still holds.
         out_spares_(std::make_shared<Spares>(max_inflight_ + 3)) {
     for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { work(); });
   }
@@ -67,61 +77,40 @@ class ParallelZstdDecoder : public Decoder {
 
   void feed(const uint8_t* in, size_t n, const OutFn& out) override {
     if (sequential_) return sequential_->feed(in, n, out);
-    pending_.insert(pending_.end(), in, in + n);
-    size_t pos = 0;
-    while (pos < pending_.size()) {
-      size_t len = ZSTD_findFrameCompressedSize(pending_.data() + pos, pending_.size() - pos);
-      if (ZSTD_isError(len)) {
-        if (ZSTD_getErrorCode(len) != ZSTD_error_srcSize_wrong)
-          throw Error(ZSTD_getErrorCode(len) == ZSTD_error_frameParameter_windowTooLarge ? ErrorKind::kLimit
-                                                                                        : ErrorKind::kIntegrity,
-                      std::string("zstd stream is corrupt: ") + ZSTD_getErrorName(len));
-        break;  // the frame is not complete yet
-      }
-      // A frame that does not declare a bounded size could decode to
-      // gigabytes from a few KiB (RLE blocks): only the streaming decoder,
-      // whose memory is bounded, may take it.
-      unsigned long long content = ZSTD_getFrameContentSize(pending_.data() + pos, len);
-      bool skippable = is_skippable(pending_.data() + pos, len);
-      if (!skippable && (content == ZSTD_CONTENTSIZE_UNKNOWN || content == ZSTD_CONTENTSIZE_ERROR ||
-                         content > kMaxFrameBuffer))
-        break;
-      if (pos == 0 && pending_.size() - len <= len / 4) {
-        // The usual case, a frame that began in pending_ and has just been
-        // completed: hand the buffer itself over and keep only the (small)
-        // rest, instead of copying the whole frame out.
-        // Frames are alike: the next one fills it without regrowing. A spare
-        // a little small is still taken (compressed sizes vary by KiBs, and
-        // an exact reserve reallocated about every other frame: fresh pages).
-        Bytes rest = in_spares_->take(true);
-        if (rest.capacity() < len + len / 8) rest.reserve(round_up(len + len / 4, kMiB));
-        rest.insert(rest.end(), pending_.begin() + long(len), pending_.end());
-        pending_.resize(len);
-        Bytes frame;
-        frame.swap(pending_);
-        pending_.swap(rest);
-        submit(std::move(frame), out);
-        continue;
-      }
-      submit(Bytes(pending_.begin() + long(pos), pending_.begin() + long(pos + len)), out);
-      pos += len;
+    if (n == 0) return;
+    // Appended to the last buffer while it is ours alone (no job reads it).
+    if (!held_.empty() && copied_back_ && held_.back().use_count() == 1 &&
+        held_.back()->capacity() - held_.back()->size() >= n) {
+      auto& b = const_cast<Bytes&>(*held_.back());
+      b.insert(b.end(), in, in + n);
+    } else {
+      auto b = std::make_shared<Bytes>();
+      b->reserve(std::max(n, kCopyBuffer));
+      b->insert(b->end(), in, in + n);
+      held_.push_back(std::move(b));
+      copied_back_ = true;
     }
-    pending_.erase(pending_.begin(), pending_.begin() + long(pos));
-    bool unbounded_frame = false;
-    if (!pending_.empty()) {
-      size_t len = ZSTD_findFrameCompressedSize(pending_.data(), pending_.size());
-      unbounded_frame = !ZSTD_isError(len);  // complete, but not ours to buffer (see above)
-    }
-    if (pending_.size() > kMaxFrameBuffer || unbounded_frame) {
-      // One huge frame: nothing to parallelise. Drain, then stream the rest.
-      drain(out);
-      sequential_ = make_decoder(Compression::kZstd, opt_);
-      Bytes rest;
-      rest.swap(pending_);
-      sequential_->feed(rest.data(), rest.size(), out);
-    }
-    emit_ready(out, false);
+    end_ += n;
+    scan(out);
   }
+
+  void feed_owned(Bytes&& in, const OutFn& out) override {
+    if (sequential_ || in.empty()) return feed(in.data(), in.size(), out);
+    if (!spares_ || in.size() < kCopyBuffer / 4) return feed(in.data(), in.size(), out);
+    // The buffer goes back to the caller's pool when the last frame that
+    // reads it is decoded.
+    std::shared_ptr<Spares> pool = spares_;
+    const size_t n = in.size();
+    held_.push_back(std::shared_ptr<const Bytes>(new Bytes(std::move(in)), [pool](const Bytes* b) {
+      pool->give(std::move(*const_cast<Bytes*>(b)));
+      delete b;
+    }));
+    copied_back_ = false;
+    end_ += n;
+    scan(out);
+  }
+
+  void set_input_spares(std::shared_ptr<Spares> spares) override { spares_ = std::move(spares); }
 
   void finish(const OutFn& out) override {
     if (sequential_) {
@@ -130,7 +119,7 @@ class ParallelZstdDecoder : public Decoder {
       return;
     }
     drain(out);
-    if (!pending_.empty()) throw Error(ErrorKind::kIntegrity, "zstd stream is truncated");
+    if (end_ > start_) throw Error(ErrorKind::kIntegrity, "zstd stream is truncated");
     if (units_ == 0) throw Error(ErrorKind::kIntegrity, "zstd stream is empty");
   }
 
@@ -139,24 +128,139 @@ class ParallelZstdDecoder : public Decoder {
   int parallelism() const override { return units_ > 1 ? int(workers_.size()) : 1; }
 
  private:
-  void submit(Bytes frame, const OutFn& out) {
-    // Skippable frames (seek tables) decode to nothing: no job needed.
-    if (is_skippable(frame.data(), frame.size())) return;
-    // Content sizes are bounded by kMaxFrameBuffer (checked by the caller).
-    size_t cost = frame.size() + size_t(ZSTD_getFrameContentSize(frame.data(), frame.size()));
-    while (order_.size() >= max_inflight_ ||
-           (order_.size() >= workers_.size() && inflight_bytes_ + cost > kInflightBytes))
-      emit_ready(out, true);
-    auto job = std::make_shared<Job>();
-    job->in = std::move(frame);
-    job->cost = cost;
-    inflight_bytes_ += cost;
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      order_.push_back(job);
-      todo_.push_back(job);
+  // Copies up to n held bytes from stream offset `at`; returns how many.
+  size_t peek(uint64_t at, uint8_t* dst, size_t n) const {
+    size_t got = 0;
+    uint64_t pos = held_start_;
+    for (const auto& b : held_) {
+      if (got == n) break;
+      uint64_t b_end = pos + b->size();
+      if (at + got < b_end && at + got >= pos) {
+        size_t off = size_t(at + got - pos), k = std::min<size_t>(n - got, b->size() - off);
+        std::copy_n(b->data() + off, k, dst + got);
+        got += k;
+      }
+      pos = b_end;
     }
-    todo_cv_.notify_one();
+    return got;
+  }
+
+  // Finds frame ends by walking the headers of the frames and their blocks
+  // (the bytes need not be contiguous), submits every complete frame, and
+  // hands a frame it may not buffer, with the rest of the stream, to the
+  // sequential decoder.
+  void scan(const OutFn& out) {
+    for (;;) {
+      if (!header_) {
+        uint8_t h[ZSTD_FRAMEHEADERSIZE_MAX];
+        size_t got = peek(start_, h, sizeof h);
+        if (got < 4) break;
+        const uint32_t magic = le32(h);
+        if ((magic & kSkippableMask) == kSkippableMagic) {
+          if (got < 8) break;
+          frame_end_ = start_ + 8 + le32(h + 4);
+          skippable_ = true;
+        } else if (magic != ZSTD_MAGICNUMBER) {
+          corrupt("unknown frame descriptor");
+        } else {
+          if (got < 5) break;
+          size_t hs = ZSTD_frameHeaderSize(h, got);
+          if (ZSTD_isError(hs)) corrupt(ZSTD_getErrorName(hs));
+          if (got < hs) break;
+          ZSTD_frameHeader fh;
+          size_t r = ZSTD_getFrameHeader(&fh, h, hs);
+          if (ZSTD_isError(r) || r != 0) corrupt(ZSTD_isError(r) ? ZSTD_getErrorName(r) : "frame header");
+          // A frame that does not declare a bounded size could decode to
+          // gigabytes from a few KiB (RLE blocks): only the streaming
+          // decoder, whose memory is bounded, may take it.
+          if (fh.frameContentSize == ZSTD_CONTENTSIZE_UNKNOWN || fh.frameContentSize > kMaxFrameBuffer)
+            return go_sequential(out);
+          content_ = size_t(fh.frameContentSize);
+          checksum_ = fh.checksumFlag != 0;
+          block_ = start_ + hs;
+          frame_end_ = 0;
+          skippable_ = false;
+        }
+        header_ = true;
+      }
+      while (frame_end_ == 0) {
+        uint8_t b[3];
+        if (peek(block_, b, 3) < 3) break;
+        const uint32_t bh = uint32_t(b[0]) | uint32_t(b[1]) << 8 | uint32_t(b[2]) << 16;
+        const uint32_t type = (bh >> 1) & 3, size = bh >> 3;
+        if (type == 3) corrupt("reserved block type");
+        if (size > ZSTD_BLOCKSIZE_MAX) corrupt("block larger than 128 KiB");
+        block_ += 3 + (type == 1 ? 1 : size);  // an RLE block holds one byte
+        if (bh & 1) frame_end_ = block_ + (checksum_ ? 4 : 0);
+      }
+      if (frame_end_ == 0 || frame_end_ > end_) {
+        // Compressed blocks may be larger than what they decode to: a frame
+        // whose bytes run far past its content size goes to streaming too.
+        if (end_ - start_ > kMaxFrameBuffer + content_) return go_sequential(out);
+        break;
+      }
+      submit_frame(out);
+    }
+    emit_ready(out, false);
+  }
+
+  void submit_frame(const OutFn& out) {
+    const uint64_t fs = start_, fe = frame_end_;
+    header_ = false;
+    start_ = fe;
+    if (!skippable_) {  // seek tables decode to nothing: no job needed
+      auto job = std::make_shared<Job>();
+      uint64_t pos = held_start_;
+      for (const auto& b : held_) {
+        uint64_t b_end = pos + b->size();
+        if (b_end > fs && pos < fe) {
+          uint64_t a = std::max(pos, fs), z = std::min(b_end, fe);
+          job->in.push_back(Piece{b, b->data() + (a - pos), size_t(z - a)});
+        }
+        pos = b_end;
+        if (pos >= fe) break;
+      }
+      job->content = content_;
+      job->cost = size_t(fe - fs) + content_;
+      if (spares_ && !pool_sized_ && !job->in.empty()) {
+        // The caller's pool must be as deep as the buffers jobs hold, or
+        // every frame's chunks are fresh ones (faults, zeroing).
+        const size_t chunk = std::max<size_t>(job->in.front().buf->capacity(), 1);
+        spares_->keep_more((max_inflight_ + 1) * (std::max(fe - fs, uint64_t(kMaxFrameBuffer) / 64) / chunk + 2));
+        pool_sized_ = true;
+      }
+      while (order_.size() >= max_inflight_ ||
+             (order_.size() >= workers_.size() && inflight_bytes_ + job->cost > kInflightBytes))
+        emit_ready(out, true);
+      inflight_bytes_ += job->cost;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        order_.push_back(job);
+        todo_.push_back(job);
+      }
+      todo_cv_.notify_one();
+    }
+    release_below(start_);
+  }
+
+  void release_below(uint64_t at) {
+    while (!held_.empty() && held_start_ + held_.front()->size() <= at) {
+      held_start_ += held_.front()->size();
+      held_.pop_front();
+    }
+  }
+
+  void go_sequential(const OutFn& out) {
+    drain(out);
+    sequential_ = make_decoder(Compression::kZstd, opt_);
+    std::deque<std::shared_ptr<const Bytes>> rest;
+    rest.swap(held_);
+    uint64_t pos = held_start_;
+    for (const auto& b : rest) {
+      uint64_t from = std::max(pos, start_);
+      if (from < pos + b->size()) sequential_->feed(b->data() + (from - pos), size_t(pos + b->size() - from), out);
+      pos += b->size();
+    }
   }
 
   // Emits finished frames in order; with `wait`, waits for the oldest one.
@@ -178,8 +282,8 @@ class ParallelZstdDecoder : public Decoder {
         // The writer gets the frame itself; the buffer comes back to the
         // spares when its last slice is written.
         std::shared_ptr<Spares> spares = out_spares_;
-        give_(std::shared_ptr<const Bytes>(new Bytes(std::move(job->out)), [spares](Bytes* b) {
-          spares->give(std::move(*b));
+        give_(std::shared_ptr<const Bytes>(new Bytes(std::move(job->out)), [spares](const Bytes* b) {
+          spares->give(std::move(*const_cast<Bytes*>(b)));
           delete b;
         }));
       } else {
@@ -204,6 +308,7 @@ class ParallelZstdDecoder : public Decoder {
   void work() {
     ZSTD_DCtx* dctx = ZSTD_createDCtx();
     ZSTD_DCtx_setParameter(dctx, ZSTD_d_windowLogMax, opt_.zstd_window_log_max);
+    ZSTD_DCtx_setParameter(dctx, ZSTD_d_stableOutBuffer, 1);
     for (;;) {
       std::shared_ptr<Job> job;
       {
@@ -215,7 +320,7 @@ class ParallelZstdDecoder : public Decoder {
       }
       job->out = out_spares_->take(false);
       decode(dctx, *job);
-      in_spares_->give(std::move(job->in));
+      job->in.clear();  // the input buffers go back to their pool
       {
         std::lock_guard<std::mutex> lk(mu_);
         job->done = true;
@@ -225,32 +330,53 @@ class ParallelZstdDecoder : public Decoder {
     ZSTD_freeDCtx(dctx);
   }
 
-  // One shot into the output buffer: its content size is known and bounded
-  // (see feed), so the buffer is the window, and zstd neither streams through
-  // a window of its own nor copies out of it.
+  // Streams the pieces into the output buffer, whose size is the frame's
+  // declared content size (bounded, see scan()): the buffer is the window.
   static void decode(ZSTD_DCtx* dctx, Job& job) {
-    unsigned long long size = ZSTD_getFrameContentSize(job.in.data(), job.in.size());
     // A reused buffer keeps its old size: resizing writes (zeroes) only what
     // lies beyond it, not the whole frame.
-    if (job.out.capacity() < size) job.out = Bytes();
-    job.out.resize(size_t(size));
-    size_t r = ZSTD_decompressDCtx(dctx, job.out.data(), job.out.size(), job.in.data(), job.in.size());
-    if (ZSTD_isError(r)) {
-      job.limit = ZSTD_getErrorCode(r) == ZSTD_error_frameParameter_windowTooLarge;
-      job.error = ZSTD_getErrorName(r);
-    } else if (r != size) {
-      job.error = "frame content is shorter than its header says";
+    if (job.out.capacity() < job.content) job.out = Bytes();
+    job.out.resize(job.content);
+    ZSTD_DCtx_reset(dctx, ZSTD_reset_session_only);
+    ZSTD_outBuffer ob{job.out.data(), job.out.size(), 0};
+    size_t r = 1;
+    for (const Piece& pc : job.in) {
+      ZSTD_inBuffer ib{pc.p, pc.n, 0};
+      while (ib.pos < ib.size) {
+        // Done before the bytes that scan() counted in the frame are: the
+        // two disagree about where it ends.
+        if (r == 0) {
+          job.error = "frame ends before its last block";
+          return;
+        }
+        r = ZSTD_decompressStream(dctx, &ob, &ib);
+        if (ZSTD_isError(r)) {
+          job.limit = ZSTD_getErrorCode(r) == ZSTD_error_frameParameter_windowTooLarge;
+          job.error = ZSTD_getErrorName(r);
+          return;
+        }
+      }
     }
+    if (r != 0) job.error = "frame ends early";
+    else if (ob.pos != job.content) job.error = "frame content is shorter than its header says";
   }
 
   DecodeOptions opt_;
   size_t max_inflight_;
-  Bytes pending_;
+  // Input not yet submitted in a frame: buffers from stream offset held_start_ to end_.
+  std::deque<std::shared_ptr<const Bytes>> held_;
+  bool copied_back_ = false;
+  bool pool_sized_ = false;  // held_.back() is a copy of ours (feed()), to append to
+  uint64_t held_start_ = 0, end_ = 0;
+  // The frame being scanned: its start, header parsed, next block header, end once known.
+  uint64_t start_ = 0, block_ = 0, frame_end_ = 0;
+  bool header_ = false, skippable_ = false, checksum_ = false;
+  size_t content_ = 0;
   size_t inflight_bytes_ = 0;  // feeding thread only
   std::unique_ptr<Decoder> sequential_;
   uint64_t units_ = 0;
 
-  std::shared_ptr<Spares> in_spares_;
+  std::shared_ptr<Spares> spares_;      // the caller's, for the input buffers it gave
   std::shared_ptr<Spares> out_spares_;  // outlives us in the writer's queue
   SharedOutFn give_;
   std::mutex mu_;

@@ -17,6 +17,7 @@
 
 #include "hubfast/decode.h"
 #include "hubfast/error.h"
+#include "hubfast/spares.h"
 
 using namespace hubfast;
 
@@ -494,14 +495,15 @@ TEST_CASE("decode: multi-frame zstd", "[decode][zstd][pzstd]") {
   }
 }
 
+// A skippable frame: magic 0x184D2A5?, 4-byte little-endian size, payload.
+std::string skippable(const std::string& payload) {
+  std::string f("\x50\x2a\x4d\x18", 4);
+  uint32_t n = uint32_t(payload.size());
+  for (int i = 0; i < 4; ++i) f.push_back(char((n >> (8 * i)) & 0xff));
+  return f + payload;
+}
+
 TEST_CASE("decode: zstd skippable frames are skipped", "[decode][zstd][pzstd]") {
-  // A skippable frame: magic 0x184D2A5?, 4-byte little-endian size, payload.
-  auto skippable = [](const std::string& payload) {
-    std::string f("\x50\x2a\x4d\x18", 4);
-    uint32_t n = uint32_t(payload.size());
-    for (int i = 0; i < 4; ++i) f.push_back(char((n >> (8 * i)) & 0xff));
-    return f + payload;
-  };
   std::string a = text_data(10000, 1), b = text_data(20000, 2);
   std::string packed = skippable("seek table?") + zstd(a) + skippable(std::string(1000, 's')) + zstd(b) + skippable("");
   REQUIRE(detect_compression(reinterpret_cast<const uint8_t*>(packed.data()), packed.size()) == Compression::kZstd);
@@ -584,6 +586,60 @@ TEST_CASE("decode: parallel zstd with many frames in flight and an error in the 
   CHECK(d.error == "kIntegrity");
   CHECK(d.out.size() <= 40 * 30000);
   CHECK(all.compare(0, d.out.size(), d.out) == 0);
+}
+
+// The pipeline's way: input buffers handed over by move, frames spanning
+// several of them and cut anywhere inside headers; the buffers go back to
+// the caller's pool once the frames reading them are decoded.
+TEST_CASE("decode: parallel zstd over owned input buffers", "[decode][zstd][pzstd]") {
+  std::string all, packed;
+  for (int i = 0; i < 40; ++i) {
+    std::string part = i % 3 ? text_data(70000, uint32_t(300 + i)) : random_bytes(50000, uint32_t(i));
+    packed += zstd(part);
+    if (i % 7 == 0) packed += skippable("seek table");
+    all += part;
+  }
+  for (uint32_t seed : {1u, 2u, 3u}) {
+    INFO("seed " << seed);
+    auto pool = std::make_shared<Spares>(4);
+    auto dec = make_decoder(Compression::kZstd, opts(true, 3));
+    dec->set_input_spares(pool);
+    std::string out;
+    OutFn sink = [&](const uint8_t* q, size_t n) { out.append(reinterpret_cast<const char*>(q), n); };
+    std::mt19937 rng(seed);
+    size_t pos = 0;
+    while (pos < packed.size()) {
+      // Mostly pieces large enough to be kept, some small ones that are copied.
+      size_t n = std::min<size_t>(packed.size() - pos, rng() % 4 ? 64000 + rng() % 90000 : 1 + rng() % 40);
+      std::vector<uint8_t> b(packed.begin() + long(pos), packed.begin() + long(pos + n));
+      dec->feed_owned(std::move(b), sink);
+      pos += n;
+    }
+    dec->finish(sink);
+    CHECK(dec->units() == 40);
+    CHECK(out.size() == all.size());
+    CHECK((out == all));
+    dec.reset();
+    CHECK(pool->take(true).capacity() > 0);  // kept buffers came back
+  }
+  SECTION("a corrupt block in a frame that spans buffers") {
+    std::string bad = flip(packed, packed.size() / 2, 0x40);
+    auto dec = make_decoder(Compression::kZstd, opts(true, 3));
+    dec->set_input_spares(std::make_shared<Spares>(4));
+    OutFn sink = [](const uint8_t*, size_t) {};
+    bool threw = false;
+    try {
+      for (size_t pos = 0; pos < bad.size(); pos += 100000) {
+        size_t n = std::min<size_t>(100000, bad.size() - pos);
+        dec->feed_owned(std::vector<uint8_t>(bad.begin() + long(pos), bad.begin() + long(pos + n)), sink);
+      }
+      dec->finish(sink);
+    } catch (const Error& e) {
+      threw = true;
+      CHECK((e.kind() == ErrorKind::kIntegrity || e.kind() == ErrorKind::kLimit));
+    }
+    CHECK(threw);
+  }
 }
 
 TEST_CASE("decode: a parallel zstd decoder dropped in mid-stream", "[decode][zstd][pzstd]") {

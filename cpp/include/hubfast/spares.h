@@ -23,6 +23,11 @@ class Spares {
     if (clear) b.clear();
     return b;
   }
+  // A consumer that holds more of them at once (parallel zstd's frames).
+  void keep_more(size_t n) {
+    std::lock_guard<std::mutex> lk(mu_);
+    keep_ += n;
+  }
   void give(Bytes b) {
     if (b.capacity() == 0) return;
     std::lock_guard<std::mutex> lk(mu_);
@@ -30,7 +35,7 @@ class Spares {
   }
 
  private:
-  const size_t keep_;
+  size_t keep_;
   std::mutex mu_;
   std::vector<Bytes> spare_;
 };
