@@ -93,7 +93,7 @@ def child(code: str, handle: str, env: Optional[Dict[str, str]] = None) -> Calla
              ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
         pp = PYTHON_DIR + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
         e.update(PYTHONPATH=pp, TFHUB_CACHE_DIR=str(cache), TF_CPP_MIN_LOG_LEVEL="3",
-                 BENCH_FREE=common.take_pending())
+                 **common.warm_env(common.WARM_MIB[0]))
         e.update(env or {})
         try:
             p = subprocess.run([sys.executable, "-c", code, handle], env=e, capture_output=True,
@@ -139,13 +139,13 @@ def measure_child(run: Callable[[], Dict], runs: int) -> Dict:
 
 
 def round_robin(tools: List[Tuple[str, Callable[[], Dict]]], runs: int,
-                ballast_mib: int = 0) -> Dict[str, Dict]:
+                warm_mib: int = 0) -> Dict[str, Dict]:
     """Each round runs every tool once, so a slow phase of the machine falls on all of them
     alike and the ratios between rows hold (runs of one tool back to back did not). Every
-    run starts right after the previous run's output is deleted (common.COLD_PAGES); a
-    ballast of `ballast_mib` stands in before the first."""
+    writing run starts right after the previous run's output is deleted and `warm_mib`
+    MiB are written and deleted (common.COLD_PAGES)."""
     outs: Dict[str, List[Dict]] = {name: [] for name, _ in tools}
-    common.ballast(ballast_mib)
+    common.WARM_MIB[0] = warm_mib
     try:
         for _ in range(runs):
             for name, run in tools:
@@ -165,7 +165,7 @@ def shell_once(cmd: str, writes: bool = True) -> Callable[[], Dict]:
         pipe.mkdir(parents=True)
         try:
             if writes:
-                common.free_pending()
+                common.warm(common.WARM_MIB[0])
             t = time.perf_counter()
             subprocess.run(["bash", "-c", "set -o pipefail; " + cmd], check=True, stdout=subprocess.DEVNULL)
             return {"seconds": time.perf_counter() - t}
@@ -240,7 +240,7 @@ def uncapped(srv, gz: Path, size: int, runs: int, tfhub: bool, zst: Optional[Pat
     if tfhub:
         tools.append((T_TFHUB, child(TFHUB_CHILD, url)))
     rows = []
-    for name, r in round_robin(tools, runs, ballast_mib=size).items():
+    for name, r in round_robin(tools, runs, warm_mib=size).items():
         r = dict(r, tool=name, size_mib=size, archive_bytes=gz.stat().st_size, cap=None)
         rows.append(r)
         show(size, name, r)
@@ -263,7 +263,7 @@ def capped(srv, gz: Path, size: int, runs: int, cap: float) -> List[Dict]:
         (T_LOCAL_CAP, child(HUBFAST_CHILD, str(gz))),
     ]
     rows = []
-    for name, r in round_robin(tools, runs, ballast_mib=size).items():
+    for name, r in round_robin(tools, runs, warm_mib=size).items():
         r = dict(r, tool=name, size_mib=size, archive_bytes=gz.stat().st_size, cap=cap)
         rows.append(r)
         show(size, name if name == T_LOCAL_CAP else name + f" @ {cap / 1e6:g} MB/s", r)

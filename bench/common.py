@@ -63,23 +63,55 @@ def fresh_dir(name: str) -> Path:
 # to its host, and touching such memory again costs ~11 us per 4 KiB page in the guest: writing
 # 1 GiB into the page cache took 0.2-0.3 s right after deleting a file of that size and 2.8-3.8 s
 # 6 s after (dd, session 10). A run that writes a model would pay 0-2.8 s per GiB depending on
-# what the run before it freed and when (round robin, the row after a tool that writes nothing
-# paid it every time). So a run's output is not deleted when the run ends but right before the
-# next run's timed section (in a resolving child: after its imports), and a ballast file of the
-# model's size stands in for the first run's predecessor: every tool starts on memory the guest
-# still holds, as on a machine without a balloon. A tool that writes for longer than ~2 s
-# (tensorflow_hub at 1 GiB) still pays for its later pages. HUBFAST_BENCH_COLD_PAGES=1 deletes
-# at once and writes no ballast, for the raw behaviour.
+# what ran before it and when (round robin: the row after a tool that writes nothing paid it
+# every time; pages freed a few seconds after they were written were often cold too). So before
+# each writing run's timed section (in a resolving child: after its imports) the previous runs'
+# outputs are deleted and the model's size is written and deleted at once: every tool starts on
+# memory the guest has just touched, as on a machine without a balloon. A tool that writes for
+# longer than ~2 s (tensorflow_hub at 1 GiB) still pays for its later pages.
+# HUBFAST_BENCH_COLD_PAGES=1 deletes outputs at once and writes nothing, for the raw behaviour.
 COLD_PAGES = os.environ.get("HUBFAST_BENCH_COLD_PAGES") == "1"
+WARM_MIB = [0]  # the size of the warm write before each writing run: the model's (set by the bench)
 _PENDING: List[Path] = []
 _SEQ = [0]
 
-# Deletes what BENCH_FREE names: a resolving child runs it just before its timer starts.
+# Deletes what BENCH_FREE names, then writes and deletes BENCH_WARM_MIB MiB in BENCH_WARM_DIR
+# (see warm()): a resolving child runs it just before its timer starts.
 FREE_PENDING_CODE = (
     "import os as _os, shutil as _sh\n"
     "for _p in _os.environ.get('BENCH_FREE', '').split(_os.pathsep):\n"
     "    if _os.path.isdir(_p): _sh.rmtree(_p, ignore_errors=True)\n"
-    "    elif _p and _os.path.exists(_p): _os.remove(_p)\n")
+    "    elif _p and _os.path.exists(_p): _os.remove(_p)\n"
+    "if _os.environ.get('BENCH_WARM_MIB'):\n"
+    "    _f = _os.path.join(_os.environ['BENCH_WARM_DIR'], 'warm-%d' % _os.getpid())\n"
+    "    with open(_f, 'wb') as _w:\n"
+    "        for _i in range(int(_os.environ['BENCH_WARM_MIB'])): _w.write(b'\\1' * (1 << 20))\n"
+    "    _os.remove(_f)\n")
+
+
+def warm_env(size_mib: int) -> Dict[str, str]:
+    """For a child that runs FREE_PENDING_CODE: what it deletes and the warm write it makes."""
+    env = {"BENCH_FREE": take_pending()}
+    if not COLD_PAGES and size_mib:
+        (WORK / "scratch").mkdir(parents=True, exist_ok=True)
+        env.update(BENCH_WARM_MIB=str(size_mib), BENCH_WARM_DIR=str(WORK / "scratch"))
+    return env
+
+
+def warm(size_mib: int) -> None:
+    """Right before a timed section in this process: the released outputs are deleted, and
+    `size_mib` MiB written and deleted at once, so that the section starts on memory the
+    guest has just touched (pages freed a few seconds earlier were found cold too)."""
+    free_pending()
+    if COLD_PAGES or not size_mib:
+        return
+    f = WORK / "scratch" / f"warm-{os.getpid()}"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    block = b"\1" * (1 << 20)
+    with open(f, "wb") as w:
+        for _ in range(size_mib):
+            w.write(block)
+    f.unlink()
 
 
 def run_dir(name: str) -> Path:
@@ -111,18 +143,6 @@ def free_pending() -> None:
         elif p.exists():
             p.unlink()
     _PENDING.clear()
-
-
-def ballast(size_mib: int) -> None:
-    """A file of the model's size, released: the first run's stand-in predecessor."""
-    if COLD_PAGES:
-        return
-    d = run_dir("ballast")
-    block = b"\1" * (1 << 20)
-    with open(d / "ballast", "wb") as f:
-        for _ in range(size_mib):
-            f.write(block)
-    release(d)
 
 
 def drop_page_cache_of(path: Path) -> None:
