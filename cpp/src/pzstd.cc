@@ -95,8 +95,7 @@ class ParallelZstdDecoder : public Decoder {
   }
 
   void feed_owned(Bytes&& in, const OutFn& out) override {
-    if (sequential_ || in.empty()) return feed(in.data(), in.size(), out);
-    if (!spares_ || in.size() < kCopyBuffer / 4) return feed(in.data(), in.size(), out);
+    if (sequential_ || !spares_ || in.size() < kCopyBuffer / 4) return feed(in.data(), in.size(), out);
     // The buffer goes back to the caller's pool when the last frame that
     // reads it is decoded.
     std::shared_ptr<Spares> pool = spares_;
