@@ -43,7 +43,7 @@ HANDLE = "/bench/model/1"
 HUBFAST_CHILD = r"""
 import json, resource, sys, time
 import hubfast
-""" + common.FREE_PENDING_CODE + r"""
+""" + common.CHILD_PREPARE_CODE + r"""
 def status_kib(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
@@ -71,7 +71,7 @@ print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "rss_growth_mib": rss, "sou
 TFHUB_CHILD = r"""
 import json, sys, time
 import tensorflow_hub as hub
-""" + common.FREE_PENDING_CODE + r"""
+""" + common.CHILD_PREPARE_CODE + r"""
 t = time.perf_counter()
 hub.resolve(sys.argv[1])
 print(json.dumps({"seconds": time.perf_counter() - t}))

@@ -75,22 +75,13 @@ WARM_MIB = [0]  # the size of the warm write before each writing run: the model'
 _PENDING: List[Path] = []
 _SEQ = [0]
 
-# Deletes what BENCH_FREE names, then writes and deletes BENCH_WARM_MIB MiB in BENCH_WARM_DIR
-# (see warm()): a resolving child runs it just before its timer starts.
-FREE_PENDING_CODE = (
-    "import os as _os, shutil as _sh\n"
-    "for _p in _os.environ.get('BENCH_FREE', '').split(_os.pathsep):\n"
-    "    if _os.path.isdir(_p): _sh.rmtree(_p, ignore_errors=True)\n"
-    "    elif _p and _os.path.exists(_p): _os.remove(_p)\n"
-    "if _os.environ.get('BENCH_WARM_MIB'):\n"
-    "    _f = _os.path.join(_os.environ['BENCH_WARM_DIR'], 'warm-%d' % _os.getpid())\n"
-    "    with open(_f, 'wb') as _w:\n"
-    "        for _i in range(int(_os.environ['BENCH_WARM_MIB'])): _w.write(b'\\1' * (1 << 20))\n"
-    "    _os.remove(_f)\n")
+# A resolving child runs this just before its timer starts: prepare_child(), from this file.
+CHILD_PREPARE_CODE = (f"import sys as _sys; _sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+                      "import common as _common; _common.prepare_child()\n")
 
 
 def warm_env(size_mib: int) -> Dict[str, str]:
-    """For a child that runs FREE_PENDING_CODE: what it deletes and the warm write it makes."""
+    """For a child that runs CHILD_PREPARE_CODE: what it deletes and the warm write it makes."""
     env = {"BENCH_FREE": take_pending()}
     if not COLD_PAGES and size_mib:
         (WORK / "scratch").mkdir(parents=True, exist_ok=True)
@@ -98,20 +89,27 @@ def warm_env(size_mib: int) -> Dict[str, str]:
     return env
 
 
-def warm(size_mib: int) -> None:
+def warm(size_mib: int, where: Optional[Path] = None) -> None:
     """Right before a timed section in this process: the released outputs are deleted, and
     `size_mib` MiB written and deleted at once, so that the section starts on memory the
     guest has just touched (pages freed a few seconds earlier were found cold too)."""
     free_pending()
     if COLD_PAGES or not size_mib:
         return
-    f = WORK / "scratch" / f"warm-{os.getpid()}"
+    f = (where or WORK / "scratch") / f"warm-{os.getpid()}"
     f.parent.mkdir(parents=True, exist_ok=True)
     block = b"\1" * (1 << 20)
     with open(f, "wb") as w:
         for _ in range(size_mib):
             w.write(block)
     f.unlink()
+
+
+def prepare_child() -> None:
+    """In a resolving child (CHILD_PREPARE_CODE): what warm_env() asked for."""
+    _PENDING.extend(Path(p) for p in os.environ.get("BENCH_FREE", "").split(os.pathsep) if p)
+    where = os.environ.get("BENCH_WARM_DIR")
+    warm(int(os.environ.get("BENCH_WARM_MIB") or 0), Path(where) if where else None)
 
 
 def run_dir(name: str) -> Path:
