@@ -40,7 +40,17 @@ void read_cpu(GrowthSample& s) {
   double busy = double(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) * tick;
   s.busy = busy;
   s.all = busy + double(v[3] + v[4]) * tick;
+  s.stolen = double(v[7]) * tick;
 }
+
+namespace {
+
+// Seconds stolen between two samples, when both carry CPU readings.
+double stolen_between(const GrowthSample& from, const GrowthSample& to) {
+  return from.all > 0 && to.all > 0 ? std::max(0.0, to.stolen - from.stolen) : 0.0;
+}
+
+}  // namespace
 
 double usable_cores() {
   cpu_set_t set;
@@ -55,8 +65,9 @@ double usable_cores() {
 }
 
 bool GrowthPolicy::process_bound(const GrowthSample& from, const GrowthSample& to) const {
-  double wall = to.t - from.t;
-  return wall > 0 && to.cpu - from.cpu >= kBusyProcess * cores_ * wall;
+  // All of it stolen: nothing to judge by, and no reason to grow.
+  double wall = to.t - from.t - stolen_between(from, to);
+  return wall <= 0 || to.cpu - from.cpu >= kBusyProcess * cores_ * wall;
 }
 
 bool GrowthPolicy::cpu_bound(const GrowthSample& from, const GrowthSample& to) const {
@@ -75,7 +86,9 @@ int GrowthPolicy::step(const GrowthSample& s, int workers, int settled, int othe
   }
   double wall = s.t - window_.t;
   if (wall < kWindow) return 0;
-  double waited = s.waited - window_.waited;
+  const double stolen = stolen_between(window_, s);
+  wall -= stolen;
+  double waited = s.waited - window_.waited - stolen;
   bool starved = waited * 2 > wall;
   // Waiting nine tenths of a window is no blip: it counts for two.
   bool famished = waited * 10 > wall * 9;

@@ -28,6 +28,7 @@ struct Link {
   // This process's CPU, fraction of kCores, by connections.
   std::function<double(int)> cpu = [](int) { return 0.1; };
   double machine = 0.1;     // all CPUs, fraction busy
+  double steal = 0;         // all CPUs, fraction the hypervisor takes (counted busy too)
 
   explicit Link(int max_workers, int start = 1) : workers(start), settled(start) {
     policy.allow(max_workers);
@@ -41,6 +42,7 @@ struct Link {
       s.cpu += cpu(workers) * kCores * dt;
       s.all += kCores * dt;
       s.busy += machine * kCores * dt;
+      s.stolen += steal * kCores * dt;
       workers += policy.step(s, workers, auto_settle ? workers : settled);
     }
   }
@@ -82,6 +84,28 @@ TEST_CASE("growth: waiting nine tenths of one window counts for two") {
   m.wait = 0.7;
   m.run(0.03);
   CHECK(m.workers == 2);
+}
+
+TEST_CASE("growth: waits while the hypervisor steals the CPUs are no evidence of a slow link") {
+  Link l(8, 1);
+  l.wait = 0.6;  // starved on its face: more than half of every window
+  l.steal = 0.15;
+  l.machine = 0.3;
+  l.run(1.0);
+  CHECK(l.workers == 1);
+  // The same waits without the steal: a slow link.
+  Link m(8, 1);
+  m.wait = 0.6;
+  m.machine = 0.3;
+  m.run(1.0);
+  CHECK(m.workers == 8);
+  // A consumer that waits far longer than the steal explains: a slow link too.
+  Link n(8, 1);
+  n.wait = 0.95;
+  n.steal = 0.15;
+  n.machine = 0.3;
+  n.run(1.0);
+  CHECK(n.workers == 8);
 }
 
 TEST_CASE("growth: a starved consumer in a process that keeps the cores busy waits for CPU") {
