@@ -91,7 +91,8 @@ int GrowthPolicy::step(const GrowthSample& s, int workers, int settled, int othe
   double waited = s.waited - window_.waited - stolen;
   bool starved = waited * 2 > wall;
   // Waiting nine tenths of a window is no blip: it counts for two.
-  bool famished = waited * 10 > wall * 9;
+  bool famished = waited * 10 > wall * 9 && !first_window_;
+  first_window_ = false;
   if (!starved) {
     starved_ = 0;
     window_ = s;

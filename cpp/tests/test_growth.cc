@@ -76,13 +76,33 @@ TEST_CASE("growth: a wait of half a window or less, once, is a blip") {
 }
 
 TEST_CASE("growth: waiting nine tenths of one window counts for two") {
-  Link l(8, 2);
-  l.wait = 0.95;
-  l.run(0.03);  // one window
-  CHECK(l.workers == 4);
-  Link m(8, 2);
-  m.wait = 0.7;
-  m.run(0.03);
+  for (double waited : {0.028, 0.021}) {  // 93% and 70% of the window
+    GrowthPolicy p(kCores);
+    p.allow(8);
+    GrowthSample s;
+    p.begin(s);
+    s.t = 0.03;
+    CHECK(p.step(s, 2, 2) == 0);  // the first window: no wait
+    s.t = 0.06;
+    s.waited = waited;
+    CHECK(p.step(s, 2, 2) == (waited > 0.027 ? 2 : 0));
+  }
+}
+
+TEST_CASE("growth: the first window, the pipeline filling, does not decide alone") {
+  Link l(8, 1);
+  l.wait = 1.0;  // the decoder waits for its first zstd frame
+  l.run(0.021);
+  CHECK(l.workers == 1);
+  l.wait = 0.0;  // then it has work: a fast link
+  l.run(1.0);
+  CHECK(l.workers == 1);
+  // Starved in the next window as well: a slow link, grown after two.
+  Link m(8, 1);
+  m.wait = 1.0;
+  m.run(0.021);
+  CHECK(m.workers == 1);
+  m.run(0.021);
   CHECK(m.workers == 2);
 }
 
@@ -179,6 +199,8 @@ TEST_CASE("growth: a doubling counts the connections outside the limit") {
   GrowthSample s;
   p.begin(s);
   s.t = 0.03;
+  CHECK(p.step(s, 1, 1, 1) == 0);  // the first window
+  s.t = 0.06;
   s.waited = 0.03;  // famished: one window decides
   CHECK(p.step(s, 1, 1, 1) == 2);  // 1 + 1 connections double to 4
 }

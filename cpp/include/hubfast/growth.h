@@ -25,7 +25,10 @@ void read_cpu(GrowthSample& s);
 double usable_cores();
 
 // Doubles the connections whenever the consumer spent more than half of two
-// windows in a row waiting for bytes (or nine tenths of one), so a slow link
+// windows in a row waiting for bytes (or nine tenths of one, but the first:
+// a decoder waits through it on any link, for a whole zstd frame or the two
+// gzip segments it starts from; on loopback that alone grew a 1 GiB
+// .tar.zst to 2 connections in 1 run of 4, +0.2 s), so a slow link
 // reaches the full count in a few steps while a fast one, whose consumer
 // waits only briefly between chunks, keeps its two.
 //
@@ -59,7 +62,10 @@ class GrowthPolicy {
 
   // The first response: windows start here (time to the first byte is
   // latency, not a slow link).
-  void begin(const GrowthSample& s) { window_ = decided_ = s; }
+  void begin(const GrowthSample& s) {
+    window_ = decided_ = s;
+    first_window_ = true;
+  }
 
   // The connection limit; a limit frozen by the rate check stays frozen.
   void allow(int max_workers) { max_ = frozen_ && max_workers > max_ ? max_ : max_workers; }
@@ -83,6 +89,7 @@ class GrowthPolicy {
   bool frozen_ = false;
   bool settling_ = false;  // a doubling's connections have not all settled
   int starved_ = 0;        // starved windows in a row (a famished one counts two)
+  bool first_window_ = false;  // the window after begin(): the pipeline still filling
   double rate_at_growth_ = 0;  // bytes/s of the run that led to the last doubling
   GrowthSample window_;    // where the current window began
   GrowthSample run_;       // where the current run of starved windows began
