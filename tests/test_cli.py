@@ -817,6 +817,29 @@ def _stop(p: subprocess.Popen) -> None:
     assert p.returncode == 0, p.stderr.read()
 
 
+def test_serve_computes_digests_before_the_first_request(tmp_path):
+    # md5 and crc32c of a 384 MiB archive take about a second here: computed on the first
+    # request, they held its headers back that long.
+    big = tmp_path / "big.tar.gz"
+    block = os.urandom(1 << 20)
+    with open(big, "wb") as f:
+        for _ in range(384):
+            f.write(block)
+    srv = _serve(str(big))
+    try:
+        url = _served(srv)["url"] + "?tf-hub-format=compressed"
+        time.sleep(5)  # the digests are computed meanwhile, not on the request
+        t = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", int(url.split(":")[2].split("/")[0])), 30) as s:
+            s.sendall(f"HEAD /{url.split('/', 3)[3]} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = s.recv(65536).decode("latin-1")
+        took = time.perf_counter() - t
+        assert head.startswith("HTTP/1.1 200") and "x-goog-hash: crc32c=" in head.lower(), head
+        assert took < 0.25, f"headers after {took:.3f} s"
+    finally:
+        _stop(srv)
+
+
 def test_serve_an_archive_a_model_dir_and_a_mirror_dir(archives, model_dir, tmp_path):
     # One archive, at --path.
     srv = _serve(str(archives["zst"]), "--path", "/org/model/3")
