@@ -118,10 +118,14 @@ int GrowthPolicy::step(const GrowthSample& s, int workers, int settled, int othe
     frozen_ = true;
     return 0;
   }
+  // A doubling that brought about twice the bytes shows a per-connection
+  // limit (a cap, a long round trip): the next step quadruples. Under a
+  // 50 MB/s cap, 8 connections at ~70 ms instead of ~100 ms.
+  const bool linear = rate_at_growth_ > 0 && rate >= rate_at_growth_ * kLinear;
   rate_at_growth_ = rate;
   decided_ = s;
   settling_ = true;
-  return std::min(max_ - workers, std::max(1, workers + others));
+  return std::min(max_ - workers, std::max(1, (workers + others) * (linear ? 3 : 1)));
 }
 
 }  // namespace hubfast

@@ -190,7 +190,28 @@ TEST_CASE("growth: no further doubling until every connection has settled") {
   CHECK(l.workers == 4);
   l.settled = 4;
   l.run(0.2);
+  CHECK(l.workers == 16);  // the doubling paid in full (a per-connection cap): x4
+}
+
+TEST_CASE("growth: a doubling that paid in full is followed by a quadrupling, one that paid less by a doubling") {
+  Link l(32, 1);
+  l.auto_settle = false;
+  l.settled = 1;
+  l.run(0.2);
+  REQUIRE(l.workers == 2);
+  l.settled = 2;
+  l.run(0.03);  // one more starved window: twice the bytes with two connections
   CHECK(l.workers == 8);
+  // A link that gives two connections 1.5x the bytes of one: doubling again.
+  Link m(32, 1);
+  m.rate = [](int n) { return 10 * kMB * (n == 1 ? 1.0 : 1.5 * n / 2); };
+  m.auto_settle = false;
+  m.settled = 1;
+  m.run(0.2);
+  REQUIRE(m.workers == 2);
+  m.settled = 2;
+  m.run(0.03);
+  CHECK(m.workers == 4);
 }
 
 TEST_CASE("growth: a doubling counts the connections outside the limit") {

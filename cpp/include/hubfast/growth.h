@@ -40,7 +40,8 @@ double usable_cores();
 // measured: once every connection has received
 // kSettleBytes (a new one's handshake and slow start are not counted against
 // it), a starved window's rate is compared with the rate that led to the last
-// doubling. Growth stops when the gain is under 25% *and* the CPUs were busy;
+// doubling; a doubling that brought 1.8x the bytes or more is followed by a
+// quadrupling. Growth stops when the gain is under 25% *and* the CPUs were busy;
 // with idle CPUs a small gain is a link still ramping up (TCP slow start on a
 // long round trip), so growth goes on.
 //
@@ -55,6 +56,7 @@ class GrowthPolicy {
   static constexpr double kWindow = 0.020;         // seconds
   static constexpr uint64_t kSettleBytes = 256 * 1024;
   static constexpr double kGain = 1.25;            // a doubling must bring this much
+  static constexpr double kLinear = 1.8;           // ... and this much makes the next step x4
   static constexpr double kBusyProcess = 0.6;      // of the usable cores
   static constexpr double kBusyMachine = 0.85;     // of all CPUs
 
