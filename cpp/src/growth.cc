@@ -91,7 +91,10 @@ int GrowthPolicy::step(const GrowthSample& s, int workers, int settled, int othe
   double waited = s.waited - window_.waited - stolen;
   bool starved = waited * 2 > wall;
   // Waiting nine tenths of a window is no blip: it counts for two.
-  bool famished = waited * 10 > wall * 9 && !first_window_;
+  // The first window decides alone only on a link slower than any decoder
+  // (kSlowLink): a faster first stream may just be filling the pipeline.
+  bool famished = waited * 10 > wall * 9 &&
+                  (!first_window_ || double(s.bytes - window_.bytes) < kSlowLink * (s.t - window_.t));
   first_window_ = false;
   if (!starved) {
     starved_ = 0;

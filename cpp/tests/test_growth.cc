@@ -91,19 +91,27 @@ TEST_CASE("growth: waiting nine tenths of one window counts for two") {
 
 TEST_CASE("growth: the first window, the pipeline filling, does not decide alone") {
   Link l(8, 1);
+  l.rate = [](int n) { return 700 * kMB * n; };  // loopback
   l.wait = 1.0;  // the decoder waits for its first zstd frame
   l.run(0.021);
   CHECK(l.workers == 1);
   l.wait = 0.0;  // then it has work: a fast link
   l.run(1.0);
   CHECK(l.workers == 1);
-  // Starved in the next window as well: a slow link, grown after two.
+  // Starved in the next window as well: grown after two.
   Link m(8, 1);
+  m.rate = [](int n) { return 700 * kMB * n; };
   m.wait = 1.0;
   m.run(0.021);
   CHECK(m.workers == 1);
   m.run(0.021);
   CHECK(m.workers == 2);
+  // A first stream slower than any decoder (a 50 MB/s cap): the first window decides.
+  Link k(8, 1);
+  k.rate = [](int n) { return 50 * kMB * n; };
+  k.wait = 1.0;
+  k.run(0.021);
+  CHECK(k.workers == 2);
 }
 
 TEST_CASE("growth: waits while the hypervisor steals the CPUs are no evidence of a slow link") {

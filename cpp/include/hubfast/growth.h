@@ -25,10 +25,11 @@ void read_cpu(GrowthSample& s);
 double usable_cores();
 
 // Doubles the connections whenever the consumer spent more than half of two
-// windows in a row waiting for bytes (or nine tenths of one, but the first:
-// a decoder waits through it on any link, for a whole zstd frame or the two
-// gzip segments it starts from; on loopback that alone grew a 1 GiB
-// .tar.zst to 2 connections in 1 run of 4, +0.2 s), so a slow link
+// windows in a row waiting for bytes (or nine tenths of one; the first one
+// only on a link under kSlowLink: a decoder waits through it on any link,
+// for a whole zstd frame or the two gzip segments it starts from, and on
+// loopback that alone grew a 1 GiB .tar.zst to 2-7 connections in 4 runs of
+// 10, +0.2 s), so a slow link
 // reaches the full count in a few steps while a fast one, whose consumer
 // waits only briefly between chunks, keeps its two.
 //
@@ -57,6 +58,7 @@ class GrowthPolicy {
   static constexpr uint64_t kSettleBytes = 256 * 1024;
   static constexpr double kGain = 1.25;            // a doubling must bring this much
   static constexpr double kLinear = 1.8;           // ... and this much makes the next step x4
+  static constexpr double kSlowLink = 100e6;       // bytes/s: slower than any decoder's input
   static constexpr double kBusyProcess = 0.6;      // of the usable cores
   static constexpr double kBusyMachine = 0.85;     // of all CPUs
 
