@@ -23,6 +23,11 @@ bool read_head(const char* path, char* buf, size_t size) {
   return true;
 }
 
+// Seconds stolen between two samples, when both carry CPU readings.
+double stolen_between(const GrowthSample& from, const GrowthSample& to) {
+  return from.all > 0 && to.all > 0 ? std::max(0.0, to.stolen - from.stolen) : 0.0;
+}
+
 }  // namespace
 
 void read_cpu(GrowthSample& s) {
@@ -42,15 +47,6 @@ void read_cpu(GrowthSample& s) {
   s.all = busy + double(v[3] + v[4]) * tick;
   s.stolen = double(v[7]) * tick;
 }
-
-namespace {
-
-// Seconds stolen between two samples, when both carry CPU readings.
-double stolen_between(const GrowthSample& from, const GrowthSample& to) {
-  return from.all > 0 && to.all > 0 ? std::max(0.0, to.stolen - from.stolen) : 0.0;
-}
-
-}  // namespace
 
 double usable_cores() {
   cpu_set_t set;

@@ -76,7 +76,12 @@ TEST_CASE("growth: a wait of half a window or less, once, is a blip") {
 }
 
 TEST_CASE("growth: waiting nine tenths of one window counts for two") {
-  for (double waited : {0.028, 0.021}) {  // 93% and 70% of the window
+  struct Case {
+    double waited;  // of a 30 ms window
+    int added;
+  };
+  for (Case c : {Case{0.028, 2}, Case{0.021, 0}}) {  // 93%: famished; 70%: starved, once
+    INFO("waited " << c.waited);
     GrowthPolicy p(kCores);
     p.allow(8);
     GrowthSample s;
@@ -84,8 +89,8 @@ TEST_CASE("growth: waiting nine tenths of one window counts for two") {
     s.t = 0.03;
     CHECK(p.step(s, 2, 2) == 0);  // the first window: no wait
     s.t = 0.06;
-    s.waited = waited;
-    CHECK(p.step(s, 2, 2) == (waited > 0.027 ? 2 : 0));
+    s.waited = c.waited;
+    CHECK(p.step(s, 2, 2) == c.added);
   }
 }
 
@@ -115,25 +120,22 @@ TEST_CASE("growth: the first window, the pipeline filling, does not decide alone
 }
 
 TEST_CASE("growth: waits while the hypervisor steals the CPUs are no evidence of a slow link") {
-  Link l(8, 1);
-  l.wait = 0.6;  // starved on its face: more than half of every window
-  l.steal = 0.15;
-  l.machine = 0.3;
-  l.run(1.0);
-  CHECK(l.workers == 1);
-  // The same waits without the steal: a slow link.
-  Link m(8, 1);
-  m.wait = 0.6;
-  m.machine = 0.3;
-  m.run(1.0);
-  CHECK(m.workers == 8);
-  // A consumer that waits far longer than the steal explains: a slow link too.
-  Link n(8, 1);
-  n.wait = 0.95;
-  n.steal = 0.15;
-  n.machine = 0.3;
-  n.run(1.0);
-  CHECK(n.workers == 8);
+  struct Case {
+    const char* what;
+    double wait, steal;  // fractions of the time
+    int workers;         // after a second
+  };
+  for (Case c : {Case{"starved on its face, as much stolen: no slow link", 0.6, 0.15, 1},
+                 Case{"the same waits without the steal: a slow link", 0.6, 0.0, 8},
+                 Case{"far longer waits than the steal explains: a slow link", 0.95, 0.15, 8}}) {
+    INFO(c.what);
+    Link l(8, 1);
+    l.wait = c.wait;
+    l.steal = c.steal;
+    l.machine = 0.3;
+    l.run(1.0);
+    CHECK(l.workers == c.workers);
+  }
 }
 
 TEST_CASE("growth: a starved consumer in a process that keeps the cores busy waits for CPU") {
