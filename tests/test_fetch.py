@@ -194,6 +194,19 @@ def gets(server: TFHubServer, path: str = HANDLE_PATH) -> List:
     return [r for r in server.stats.requests_for(path) if r.method == "GET"]
 
 
+def assert_tiled(ranges: List[Tuple[int, int]], lo: int, hi: int) -> None:
+    """Sorted inclusive byte ranges of requests cover [lo, hi] with no gap and each byte
+    received once: a range may start inside another (an idle connection took over its rest,
+    and the other's response was cut there), and every range ends at the end or where another
+    starts."""
+    starts = [s for s, _ in ranges]
+    assert starts[0] == lo and max(e for _, e in ranges) == hi, ranges
+    assert starts == sorted(set(starts)), ranges
+    for (_, e0), (s1, _) in zip(ranges, ranges[1:]):
+        assert s1 <= e0 + 1, ranges
+    assert all(e == hi or e + 1 in starts for _, e in ranges), ranges
+
+
 def etag_of(server: TFHubServer, path: str = HANDLE_PATH) -> str:
     return '"' + server.digests(path).md5.hex() + '"'
 
@@ -679,6 +692,38 @@ def test_segments_keep_their_order_when_the_consumer_needs_it(server, big, cache
         assert src["goog_hash_md5"] == 1, src
 
 
+@pytest.mark.parametrize("goog_hash", ["crc32c", "md5"])
+def test_idle_connections_take_over_the_rest_of_a_slow_one(server, big, cache_dir, monkeypatch,
+                                                           goog_hash):
+    """One segment's response drips at 256 KiB/s (4 MiB: 16 s alone). The other connections
+    finish theirs, then split what it has left between them and it, again while worth it:
+    the download takes a few seconds, the victim's response is cut where its share ends, and
+    the entry is byte-identical, its x-goog-hash checked from parts delivered out of order
+    (crc32c) or in order (md5)."""
+    monkeypatch.setenv("HUBFAST_ADAPTIVE_CONNECTIONS", "0")
+    monkeypatch.setenv("HUBFAST_CONNECTIONS", "4")
+    monkeypatch.setenv("HUBFAST_DECODE_THREADS", "2")
+    server.add_archive(HANDLE_PATH, big.gz, goog_hash=goog_hash)
+    server.inject(HANDLE_PATH, Fault())  # the first request (segment 0) goes through
+    server.inject(HANDLE_PATH, Fault.slow(256 * 1024))
+    src = resolve_ok(server.url_for(HANDLE_PATH), big)
+    assert src["steals"] >= 2, src
+    assert src["out_of_order"] == (1 if goog_hash == "crc32c" else 0), src
+    assert src["goog_hash_" + goog_hash] == 1, src
+    assert src["elapsed"] < 8, src
+    log = gets(server)
+    assert src["http_requests"] == len(log) == src["segments"] + src["steals"], src
+
+    def span(r):
+        start, _, end = r.range.split("=", 1)[1].partition("-")
+        return int(start), int(end) if end else len(big.gz) - 1
+
+    ranges = sorted(span(r) for r in log[1:])
+    assert_tiled(ranges, ranges[0][0], len(big.gz) - 1)
+    # The slow response's connection was closed where its share ended.
+    assert server.stats.path(HANDLE_PATH).body_bytes <= len(big.gz) + 17 * MiB
+
+
 def test_flip_in_a_segment_delivered_out_of_order_is_caught(server, big, cache_dir, monkeypatch):
     monkeypatch.setenv("HUBFAST_ADAPTIVE_CONNECTIONS", "0")
     monkeypatch.setenv("HUBFAST_DECODE_THREADS", "2")
@@ -1097,8 +1142,6 @@ def test_first_stream_runs_on_until_the_link_falls_behind(server, big, cache_dir
 
     ranges = sorted(span(r) for r in log[1:])
     assert ranges and ranges[0][0] >= stall_at, ranges
-    assert ranges[-1][1] == len(big.gz) - 1, ranges
-    for (_, end), (start, _) in zip(ranges, ranges[1:]):
-        assert start == end + 1, ranges  # each byte asked for once
+    assert_tiled(ranges, ranges[0][0], len(big.gz) - 1)
     # The cut first stream sent at most what the sockets' buffers held beyond its end.
     assert server.stats.path(HANDLE_PATH).body_bytes < len(big.gz) + 16 * MiB

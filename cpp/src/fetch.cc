@@ -24,6 +24,10 @@
 //    or, when the consumer takes offsets (the parallel gzip decoder), every
 //    segment's bytes as they arrive, claims bounded above the consumer's
 //    release point rather than the oldest segment.
+//    A worker with nothing to claim (all claimed, or the ring full behind a
+//    segment the consumer waits for) takes the second half of what a slower
+//    connection's range has left, when that would still take a while; the
+//    slower one's response is cut where its share now ends.
 //  * Every range (the single stream, segment 0, each segment) is fetched by
 //    fetch_range(): transient failures (connection errors, timeouts, 408,
 //    429, 5xx) are retried with jittered exponential backoff honouring
@@ -398,6 +402,12 @@ size_t HttpSource::on_body(Xfer& x, const char* p, size_t n) {
   t.sink(t.pos, q, m);
   t.pos += m;
   x.got += m;
+  if (t.end != kUnknown && t.pos > t.end) {
+    // The sink took less: another connection took over the rest of this
+    // range (Parallel::steal_locked).
+    x.cut = true;
+    return CURL_WRITEFUNC_ERROR;
+  }
   // Time spent waiting for our consumer is no network stall.
   if (!x.samples.empty() && Clock::now() - t0 > std::chrono::milliseconds(500)) x.samples.clear();
   return n;

@@ -46,8 +46,8 @@ void Parallel::consume(const std::function<void(const uint8_t*, size_t)>& sink) 
         std::unique_lock<std::mutex> lk(mu_);
         for (;;) {
           if (error_) std::rethrow_exception(error_);
-          if (s.owner == int64_t(i) && s.filled > done) {
-            avail = s.filled;
+          if (s.owner == int64_t(i) && s.contiguous() > done) {
+            avail = s.contiguous();
             break;
           }
           if (cancel_.cancelled()) throw Error(ErrorKind::kCancelled, "download cancelled: " + src_.url_);
@@ -84,7 +84,10 @@ std::vector<uint32_t> Parallel::consume_any(const std::function<void(uint64_t, c
                                   std::function<uint64_t()> floor, const std::function<void()>& flush) {
   std::vector<uint32_t> crcs(nseg_, 0);
   struct Ready {
-    uint64_t seg, from, to;
+    uint64_t seg;
+    int part;
+    uint64_t from, to;
+    uint32_t crc;
   };
   std::vector<Ready> ready;
   {
@@ -102,7 +105,11 @@ std::vector<uint32_t> Parallel::consume_any(const std::function<void(uint64_t, c
         if (error_) std::rethrow_exception(error_);
         for (uint64_t i = head_; i < next_; ++i) {
           Slot& s = slots_[i % window_];
-          if (s.owner == int64_t(i) && s.filled > s.emitted) ready.push_back({i, s.emitted, s.filled});
+          if (s.owner != int64_t(i)) continue;
+          for (int k = 0; k < s.nparts; ++k) {
+            const Part& q = s.parts[k];
+            if (q.at > q.emitted) ready.push_back({i, k, q.emitted, q.at, q.crc});
+          }
         }
         if (!ready.empty()) break;
         if (cancel_.cancelled()) throw Error(ErrorKind::kCancelled, "download cancelled: " + src_.url_);
@@ -127,22 +134,35 @@ std::vector<uint32_t> Parallel::consume_any(const std::function<void(uint64_t, c
         lk.lock();
       }
     }
-    for (const Ready& r : ready) {
-      const uint8_t* buf = slots_[r.seg % window_].buf.get();  // stays while the segment is unfinished
+    for (Ready& r : ready) {
+      // Stays while the segment is unfinished; bytes below `at` are final.
+      const uint8_t* buf = slots_[r.seg % window_].buf.get();
       for (uint64_t done = r.from; done < r.to;) {
         cancel_.throw_if_cancelled();
         size_t n = size_t(std::min<uint64_t>(r.to - done, kEmitSlice));
-        if (src_.meta_.hash_usable) crcs[r.seg] = crc32c_update(crcs[r.seg], buf + done, n);
+        if (src_.meta_.hash_usable) r.crc = crc32c_update(r.crc, buf + done, n);
         emit_at(segment_start(r.seg) + done, buf + done, n);
         done += n;
       }
       std::lock_guard<std::mutex> lk(mu_);
       Slot& s = slots_[r.seg % window_];
-      s.emitted = r.to;
-      if (r.to == segment_len(r.seg)) {
+      s.parts[r.part].emitted = r.to;
+      s.parts[r.part].crc = r.crc;
+      if (s.complete()) {
+        // The parts in the segment's order: each starts where one ends.
+        uint32_t crc = 0;
+        uint64_t at = 0;
+        for (int n = 0; n < s.nparts; ++n)
+          for (int k = 0; k < s.nparts; ++k)
+            if (s.parts[k].from == at) {
+              crc = at == 0 ? s.parts[k].crc : crc32c_combine(crc, s.parts[k].crc, s.parts[k].to - at);
+              at = s.parts[k].to;
+              break;
+            }
+        crcs[r.seg] = crc;
         if (s.buf) spare_.push_back(std::move(s.buf));
         while (head_ < nseg_ && head_ < next_ && slots_[head_ % window_].owner == int64_t(head_) &&
-               slots_[head_ % window_].emitted == segment_len(head_))
+               slots_[head_ % window_].complete())
           ++head_;
         work_cv_.notify_all();
       }
@@ -177,59 +197,166 @@ bool Parallel::claimable_locked() const {
   return f == UINT64_MAX || segment_start(next_) < f + (ahead_ + 1) * seg_;
 }
 
+uint64_t Parallel::Slot::contiguous() const {
+  uint64_t at = 0;
+  for (bool moved = true; moved;) {
+    moved = false;
+    for (int k = 0; k < nparts; ++k)
+      if (parts[k].from == at && parts[k].at > at) {
+        if (parts[k].at < parts[k].to) return parts[k].at;
+        at = parts[k].to;
+        moved = true;
+      }
+  }
+  return at;
+}
+
+bool Parallel::Slot::complete() const {
+  for (int k = 0; k < nparts; ++k)
+    if (parts[k].emitted < parts[k].to) return false;
+  return nparts > 0;
+}
+
+bool Parallel::steal_locked(uint64_t& seg, int& part) {
+  const auto now = Clock::now();
+  Slot* best = nullptr;
+  int best_k = -1;
+  uint64_t best_left = 0;
+  // Before the last segment is claimed, a connection has nothing to do
+  // because the ring is full: then only the oldest segment, and only while
+  // the consumer waits for it (a busy consumer gains nothing from it).
+  const bool tail = next_ >= nseg_;
+  if (!tail && waiting_ < 0 && !any_waiting_) return false;
+  const uint64_t from = tail ? head_ : waiting_ >= 0 ? uint64_t(waiting_) : head_;
+  for (uint64_t i = from; i < std::min(tail ? next_ : from + 1, nseg_); ++i) {
+    Slot& s = slots_[i % window_];
+    if (s.owner != int64_t(i) || s.nparts >= kMaxParts) continue;
+    for (int k = 0; k < s.nparts; ++k) {
+      const Part& q = s.parts[k];
+      uint64_t left = q.to - std::min(q.to, q.reserved);
+      if (left < kStealBytes || left <= best_left) continue;
+      // At its rate so far (measured over kStealAfter at least), would its
+      // connection take a while longer for the rest than a new request
+      // takes to start? With no byte yet, has it waited much longer than
+      // requests do?
+      const uint64_t got = q.at - q.from;
+      if (got == 0 ? now - q.t0 < 2 * ttfb_ + kStealAfter
+                   : now - q.t1 < kStealAfter ||
+                         (now - q.t1) * (double(left) / double(got)) < ttfb_ + kStealAfter)
+        continue;
+      best = &s;
+      best_k = k;
+      best_left = left;
+    }
+  }
+  if (!best) return false;
+  Part& victim = best->parts[best_k];
+  uint64_t mid = victim.reserved + best_left / 2;
+  Part& p = best->parts[best->nparts];
+  p = Part();
+  p.from = p.at = p.reserved = p.emitted = mid;
+  p.to = victim.to;
+  p.t0 = now;
+  victim.to = mid;  // its connection stops here (its sink trims to it)
+  seg = uint64_t(best->owner);
+  part = best->nparts++;
+  src_.st_steals_.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+void Parallel::fetch_part(Conn& conn, uint64_t i, int k, uint64_t& received) {
+  Slot* s = &slots_[i % window_];
+  const uint64_t base = segment_start(i);
+  RangeTask t;
+  uint8_t* buf;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    t.pos = base + s->parts[k].from;
+    t.end = base + s->parts[k].to;
+    buf = s->buf.get();
+  }
+  t.sink = [&, base, buf, i, k, s](uint64_t off, const uint8_t* p, size_t n) {
+    if (received < GrowthPolicy::kSettleBytes && (received += n) >= GrowthPolicy::kSettleBytes)
+      settled_.fetch_add(1, std::memory_order_relaxed);
+    const uint64_t rel = off - base;
+    uint64_t take = 0;
+    {
+      // What may be copied: a steal may have moved this part's end, never
+      // below what was reserved; on_body stops the response at t.end. Once
+      // the segment is complete the slot may hold another one.
+      std::lock_guard<std::mutex> lk(mu_);
+      if (s->owner == int64_t(i)) {
+        Part& q = s->parts[k];
+        take = rel >= q.to ? 0 : std::min<uint64_t>(n, q.to - rel);
+        q.reserved = rel + take;
+        t.end = base + q.to;
+      } else {
+        t.end = off;
+      }
+    }
+    if (take == 0) return;
+    std::memcpy(buf + rel, p, take);
+    std::lock_guard<std::mutex> lk(mu_);
+    Part& q = s->parts[k];
+    if (q.at == q.from) {
+      q.t1 = Clock::now();
+      ttfb_ = q.t1 - q.t0;
+    }
+    q.at = rel + take;
+    if ((waiting_ == int64_t(i) && s->contiguous() >= wanted_) ||
+        (any_waiting_ && (q.at - q.emitted >= kWakeBytes || q.at == q.to)))
+      data_cv_.notify_all();
+  };
+  src_.note_active(1);
+  try {
+    src_.fetch_range(conn, t, halted_, cancel_);
+  } catch (...) {
+    src_.note_active(-1);
+    throw;
+  }
+  src_.note_active(-1);
+}
+
 void Parallel::worker() {
   try {
     Conn conn = src_.make_conn();
     uint64_t received = 0;  // by this connection, up to GrowthPolicy::kSettleBytes
     for (;;) {
-      uint64_t i;
-      Slot* s;
+      uint64_t i = 0;
+      int k = 0;
       {
         std::unique_lock<std::mutex> lk(mu_);
         // Timed: the consumer's release point moves without a notify.
-        while (!(stopping_ || error_ || next_ >= nseg_ || claimable_locked())) {
+        // Nothing to claim (all taken, or the ring full behind a segment
+        // still arriving): help the slowest connection instead.
+        bool stolen = false;
+        for (;;) {
+          if (stopping_ || error_) return;
+          if (next_ < nseg_ && claimable_locked()) break;
+          if ((stolen = steal_locked(i, k))) break;
+          if (next_ >= nseg_) return;
           ++floor_waiters_;
           data_cv_.notify_all();  // the consumer flushes what moves the floor
           work_cv_.wait_for(lk, kGrowAfter);
           --floor_waiters_;
         }
-        if (stopping_ || error_ || next_ >= nseg_) return;
-        i = next_++;
-        s = &slots_[i % window_];
-        s->owner = int64_t(i);
-        s->filled = 0;
-        s->emitted = 0;
-        if (!s->buf && !spare_.empty()) {
-          s->buf = std::move(spare_.back());
-          spare_.pop_back();
+        if (!stolen) {
+          i = next_++;
+          Slot& s = slots_[i % window_];
+          s.owner = int64_t(i);
+          s.nparts = 1;
+          s.parts[0] = Part();
+          s.parts[0].to = segment_len(i);
+          s.parts[0].t0 = Clock::now();
+          if (!s.buf && !spare_.empty()) {
+            s.buf = std::move(spare_.back());
+            spare_.pop_back();
+          }
+          if (!s.buf) s.buf.reset(new uint8_t[seg_]);  // not zeroed: the transfer fills it
+          src_.st_segments_.fetch_add(1);
         }
       }
-      if (!s->buf) s->buf.reset(new uint8_t[seg_]);  // not zeroed: the transfer fills it
-      RangeTask t;
-      t.pos = segment_start(i);
-      t.end = segment_end(i);
-      const uint64_t base = t.pos;
-      uint8_t* buf = s->buf.get();
-      const uint64_t len = t.end - t.pos;
-      t.sink = [&, base, buf, i, len](uint64_t off, const uint8_t* p, size_t n) {
-        if (received < GrowthPolicy::kSettleBytes && (received += n) >= GrowthPolicy::kSettleBytes)
-          settled_.fetch_add(1, std::memory_order_relaxed);
-        std::memcpy(buf + (off - base), p, n);
-        std::lock_guard<std::mutex> lk(mu_);
-        s->filled = off - base + n;
-        if ((waiting_ == int64_t(i) && s->filled >= wanted_) ||
-            (any_waiting_ && (s->filled - s->emitted >= kWakeBytes || s->filled == len)))
-          data_cv_.notify_all();
-      };
-      src_.st_segments_.fetch_add(1);
-      src_.note_active(1);
-      try {
-        src_.fetch_range(conn, t, halted_, cancel_);
-      } catch (...) {
-        src_.note_active(-1);
-        throw;
-      }
-      src_.note_active(-1);
+      fetch_part(conn, i, k, received);
     }
   } catch (...) {
     std::lock_guard<std::mutex> lk(mu_);

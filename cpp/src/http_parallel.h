@@ -114,12 +114,41 @@ class Parallel {
   void stop();
 
  private:
+  // A connection's share of a segment: [from, to) relative to its start.
+  // `to` drops when an idle connection takes the rest (steal_locked), so a
+  // slow connection does not hold the end of the download alone. Guarded by
+  // mu_, except `crc`, which only the consumer touches.
+  struct Part {
+    uint64_t from = 0, to = 0;
+    uint64_t at = 0;        // received up to here
+    uint64_t reserved = 0;  // being copied up to here (>= at): a steal starts after it
+    uint64_t emitted = 0;   // consume_any(): emitted up to here
+    uint32_t crc = 0;       // consume_any(): CRC32C of [from, emitted)
+    Clock::time_point t0, t1;  // when its connection took it; its first byte
+  };
+  static constexpr int kMaxParts = 8;
   struct Slot {
     std::unique_ptr<uint8_t[]> buf;
-    int64_t owner = -1;   // segment held
-    uint64_t filled = 0;  // bytes of it received (guarded by mu_)
-    uint64_t emitted = 0;  // consume_any(): bytes of it emitted
+    int64_t owner = -1;  // segment held
+    Part parts[kMaxParts];
+    int nparts = 0;
+    // Bytes from the segment's start that are final (received by every part
+    // up to there).
+    uint64_t contiguous() const;
+    bool complete() const;
   };
+  // Splitting another connection's part pays when what is left of it is
+  // large and would take a while longer than a new request takes to bring
+  // its first byte: its connection is then closed (the rest of its response
+  // is not read) and its next request opens a new one.
+  static constexpr uint64_t kStealBytes = 1 * kMiB;
+  static constexpr std::chrono::milliseconds kStealAfter{25};
+  Clock::duration ttfb_{0};  // the latest part's wait for its first byte (guarded by mu_)
+  // Under mu_: takes the second half of the part with the most bytes left
+  // that is worth splitting; false when none is.
+  bool steal_locked(uint64_t& seg, int& part);
+  // Fetches part `k` of segment `i` on `conn`.
+  void fetch_part(Conn& conn, uint64_t i, int k, uint64_t& received);
 
   // A segment may be claimed: within the ring above the head and, when the
   // consumer holds what it was given until it decodes it, within the ring

@@ -125,7 +125,8 @@ class HttpSource : public Source {
   // bytes; connections: most transfers in flight at once; redirects: hops
   // followed; bytes_received: body bytes off the wire, re-sent and skipped
   // ones included; segments: ranged segments in a parallel download (0 for
-  // one stream); goog_hash_crc32c / goog_hash_md5: 1 when that x-goog-hash
+  // one stream); steals: parts of a segment taken over by an idle
+  // connection from a slower one; goog_hash_crc32c / goog_hash_md5: 1 when that x-goog-hash
   // digest was checked and matched; out_of_order: 1 when segments went to
   // the decoder as they arrived rather than in order.
   void add_stats(std::function<void(const char*, double)> put) const override {
@@ -136,6 +137,7 @@ class HttpSource : public Source {
     put("redirects", double(st_redirects_.load()));
     put("bytes_received", double(st_bytes_.load()));
     put("segments", double(st_segments_.load()));
+    put("steals", double(st_steals_.load()));
     put("goog_hash_crc32c", st_crc32c_.load() ? 1.0 : 0.0);
     put("goog_hash_md5", st_md5_.load() ? 1.0 : 0.0);
     put("out_of_order", st_any_order_.load() ? 1.0 : 0.0);
@@ -153,6 +155,7 @@ class HttpSource : public Source {
     }
   }
   std::atomic<uint64_t> st_segments_{0};
+  std::atomic<uint64_t> st_steals_{0};
 
  private:
   struct Attempt {
