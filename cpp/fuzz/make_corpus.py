@@ -182,6 +182,9 @@ def main():
         "zstd_checksum": zst(model[:3000]),
         "xz_two_streams": xz(b"one") + bytes(4) + xz(b"two"),
         "bzip2_two_streams": bz(b"one" * 100) + bz(b"two"),
+        # Found by fuzz_decode: declares 17384 bytes, holds none (empty blocks, an empty last
+        # block, the checksum of nothing); libzstd accepted it when fed in pieces.
+        "zstd_short_content": b"\x28\xb5\x2f\xfd\x64\xe8\x42" + bytes(12) + b"\x01\x00\x00\x99\xe9\xd8\x51",
     }
     corpora = {"extract": extract, "tar": t, "decode": decode}
     for sub, files in corpora.items():

@@ -3,6 +3,7 @@
 #include <bzlib.h>
 #include <lzma.h>
 #include <zlib.h>
+#define ZSTD_STATIC_LINKING_ONLY  // ZSTD_getFrameHeader (exported by Debian's libzstd, as pzstd.cc uses it)
 #include <zstd.h>
 #include <zstd_errors.h>
 #ifdef HUBFAST_HAVE_ISAL
@@ -273,6 +274,8 @@ class ZstdDecoder : public Decoder {
   void feed(const uint8_t* in, size_t n, const OutFn& out) override {
     ZSTD_inBuffer ib{in, n, 0};
     while (ib.pos < ib.size || pending_out_) {
+      peek_header(ib);
+      const size_t pos0 = ib.pos;
       ZSTD_outBuffer ob{out_.data(), out_.size(), 0};
       size_t r = ZSTD_decompressStream(ctx_, &ob, &ib);
       if (ZSTD_isError(r)) {
@@ -281,11 +284,22 @@ class ZstdDecoder : public Decoder {
                           : ErrorKind::kIntegrity;
         throw Error(k, std::string("zstd stream is corrupt: ") + ZSTD_getErrorName(r));
       }
+      in_frame_ += ib.pos - pos0;
+      decoded_ += ob.pos;
       if (ob.pos) out(out_.data(), ob.pos);
       pending_out_ = ob.pos == ob.size && r != 0;  // output full: more may be buffered
       if (r == 0) {
+        // libzstd (1.5.4) checks the declared content size when it decodes
+        // a frame in one call, not when the frame arrives in pieces and
+        // ends with an empty block: check it here, whatever the pieces.
+        if (content_ != ZSTD_CONTENTSIZE_UNKNOWN && decoded_ != content_)
+          throw Error(ErrorKind::kIntegrity, "zstd stream is corrupt: a frame declares " + std::to_string(content_) +
+                                                 " bytes of content and holds " + std::to_string(decoded_));
         ++frames_;
         frame_open_ = false;
+        header_.clear();
+        content_ = ZSTD_CONTENTSIZE_UNKNOWN;
+        in_frame_ = decoded_ = 0;
       } else {
         frame_open_ = true;
       }
@@ -301,11 +315,31 @@ class ZstdDecoder : public Decoder {
   uint64_t units() const override { return frames_; }
 
  private:
+  // Copies the current frame's header bytes (those not yet seen, from the
+  // input not yet consumed) until ZSTD_getFrameHeader can read its content
+  // size. A header libzstd rejects is its to report.
+  void peek_header(const ZSTD_inBuffer& ib) {
+    if (header_done()) return;
+    size_t have = header_.size();  // frame bytes [0, have) copied; ib.pos is at frame byte in_frame_
+    if (have < in_frame_) return;   // cannot happen: copied before consumed
+    size_t at = ib.pos + (have - in_frame_);
+    size_t take = std::min(size_t(ZSTD_FRAMEHEADERSIZE_MAX) - have, at < ib.size ? ib.size - at : 0);
+    header_.append(static_cast<const char*>(ib.src) + at, take);
+    ZSTD_frameHeader fh;
+    size_t r = ZSTD_getFrameHeader(&fh, header_.data(), header_.size());
+    if (r == 0 && fh.frameType == ZSTD_frame) content_ = fh.frameContentSize;
+    if (r == 0 || ZSTD_isError(r)) header_.resize(ZSTD_FRAMEHEADERSIZE_MAX + 1);  // done
+  }
+  bool header_done() const { return header_.size() > ZSTD_FRAMEHEADERSIZE_MAX; }
+
   ZSTD_DCtx* ctx_ = nullptr;
   std::vector<uint8_t> out_;
   bool pending_out_ = false;
   bool frame_open_ = false;
   uint64_t frames_ = 0;
+  std::string header_;  // the current frame's first bytes, until its header is read
+  uint64_t content_ = ZSTD_CONTENTSIZE_UNKNOWN;  // its declared content size
+  uint64_t in_frame_ = 0, decoded_ = 0;  // its bytes consumed and decoded so far
 };
 
 class Bzip2Decoder : public Decoder {

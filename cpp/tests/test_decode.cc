@@ -532,6 +532,30 @@ TEST_CASE("decode: zstd garbage after the end, truncation, corruption", "[decode
   }
 }
 
+TEST_CASE("decode: a zstd frame that holds less than its declared content size", "[decode][zstd][pzstd]") {
+  // Found by fuzz_decode: a frame declaring 17384 bytes, then empty raw blocks, an empty last
+  // block and the checksum of nothing. libzstd 1.5.4 refuses it in one call, but in pieces it
+  // accepted it.
+  std::string f;
+  f += std::string("\x28\xb5\x2f\xfd", 4);  // magic
+  f += '\x64';                                // 2-byte content size, single segment, checksum
+  f += std::string("\xe8\x42", 2);            // 0x42e8 + 256 = 17384
+  for (int i = 0; i < 4; ++i) f += std::string(3, '\0');  // empty raw blocks
+  f += std::string("\x01\x00\x00", 3);      // the last block, empty
+  f += std::string("\x99\xe9\xd8\x51", 4);  // XXH64 of nothing, low 32 bits
+  std::string good = zstd(text_data(100000, 3));
+  for (int threads : {1, 4})
+    for (Feed feed : {Feed::kWhole, Feed::kRandom, Feed::kBytes}) {
+      INFO("threads " << threads << " feed " << int(feed));
+      DecodeOptions o = opts(true, threads);
+      CHECK(decode(Compression::kZstd, o, f, feed).error == "kIntegrity");
+      CHECK(decode(Compression::kZstd, o, good + f, feed).error == "kIntegrity");
+      Decoded ok = decode(Compression::kZstd, o, good + good, feed);
+      CHECK(ok.error == "none");
+      CHECK(ok.out == text_data(100000, 3) + text_data(100000, 3));
+    }
+}
+
 TEST_CASE("decode: a zstd window over the limit is a limit error", "[decode][zstd][pzstd]") {
   SECTION("a frame made by the compressor with windowLog 28") {
     ZstdParams p;
