@@ -490,7 +490,6 @@ void HttpSource::fetch_range(Conn& c, RangeTask& t, const HaltFn& halted, const 
   bool progressed = false, from_origin = false;
   std::string last_cause;
   bool last_timeout = false;
-  std::minstd_rand rng(std::random_device{}());
   const uint64_t start = t.pos;
 
   for (;;) {
@@ -606,6 +605,8 @@ void HttpSource::fetch_range(Conn& c, RangeTask& t, const HaltFn& halted, const 
                       " retries allowed): " + last_cause,
                   status >= 400 ? int(status) : 0);
     double delay = std::min(opt_.backoff_max, opt_.backoff_base * std::pow(2.0, failures - 1));
+    // Jitter; seeded here, not per range: most ranges never back off.
+    thread_local std::minstd_rand rng(std::random_device{}());
     delay *= std::uniform_real_distribution<double>(0.5, 1.0)(rng);
     if (retry_after >= 0) delay = std::min(opt_.backoff_max, std::max(delay, retry_after));
     auto until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
