@@ -217,16 +217,17 @@ bool Parallel::Slot::complete() const {
   return nparts > 0;
 }
 
-bool Parallel::steal_locked(uint64_t& seg, int& part) {
+Parallel::Steal Parallel::steal_locked(uint64_t& seg, int& part) {
   const auto now = Clock::now();
   Slot* best = nullptr;
   int best_k = -1;
   uint64_t best_left = 0;
+  bool later = false;
   // Before the last segment is claimed, a connection has nothing to do
   // because the ring is full: then only the oldest segment, and only while
   // the consumer waits for it (a busy consumer gains nothing from it).
   const bool tail = next_ >= nseg_;
-  if (!tail && waiting_ < 0 && !any_waiting_) return false;
+  if (!tail && waiting_ < 0 && !any_waiting_) return Steal::kNone;
   const uint64_t from = tail ? head_ : waiting_ >= 0 ? uint64_t(waiting_) : head_;
   for (uint64_t i = from; i < std::min(tail ? next_ : from + 1, nseg_); ++i) {
     Slot& s = slots_[i % window_];
@@ -242,14 +243,16 @@ bool Parallel::steal_locked(uint64_t& seg, int& part) {
       const uint64_t got = q.at - q.from;
       if (got == 0 ? now - q.t0 < 2 * ttfb_ + kStealAfter
                    : now - q.t1 < kStealAfter ||
-                         (now - q.t1) * (double(left) / double(got)) < ttfb_ + kStealAfter)
+                         (now - q.t1) * (double(left) / double(got)) < ttfb_ + kStealAfter) {
+        later = true;
         continue;
+      }
       best = &s;
       best_k = k;
       best_left = left;
     }
   }
-  if (!best) return false;
+  if (!best) return later ? Steal::kLater : Steal::kNone;
   Part& victim = best->parts[best_k];
   uint64_t mid = victim.reserved + best_left / 2;
   Part& p = best->parts[best->nparts];
@@ -261,7 +264,7 @@ bool Parallel::steal_locked(uint64_t& seg, int& part) {
   seg = uint64_t(best->owner);
   part = best->nparts++;
   src_.st_steals_.fetch_add(1, std::memory_order_relaxed);
-  return true;
+  return Steal::kStolen;
 }
 
 void Parallel::fetch_part(Conn& conn, uint64_t i, int k, uint64_t& received) {
@@ -333,12 +336,16 @@ void Parallel::worker() {
         for (;;) {
           if (stopping_ || error_) return;
           if (next_ < nseg_ && claimable_locked()) break;
-          if ((stolen = steal_locked(i, k))) break;
-          if (next_ >= nseg_) return;
-          ++floor_waiters_;
-          data_cv_.notify_all();  // the consumer flushes what moves the floor
+          const Steal st = steal_locked(i, k);
+          if ((stolen = st == Steal::kStolen)) break;
+          const bool tail = next_ >= nseg_;
+          if (tail && st == Steal::kNone) return;
+          if (!tail) {
+            ++floor_waiters_;
+            data_cv_.notify_all();  // the consumer flushes what moves the floor
+          }
           work_cv_.wait_for(lk, kGrowAfter);
-          --floor_waiters_;
+          if (!tail) --floor_waiters_;
         }
         if (!stolen) {
           i = next_++;

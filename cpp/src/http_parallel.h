@@ -145,8 +145,10 @@ class Parallel {
   static constexpr std::chrono::milliseconds kStealAfter{25};
   Clock::duration ttfb_{0};  // the latest part's wait for its first byte (guarded by mu_)
   // Under mu_: takes the second half of the part with the most bytes left
-  // that is worth splitting; false when none is.
-  bool steal_locked(uint64_t& seg, int& part);
+  // that is worth splitting (kStolen); else whether one might be later, once
+  // its rate is known (kLater), or none can (kNone).
+  enum class Steal { kStolen, kLater, kNone };
+  Steal steal_locked(uint64_t& seg, int& part);
   // Fetches part `k` of segment `i` on `conn`.
   void fetch_part(Conn& conn, uint64_t i, int k, uint64_t& received);
 
