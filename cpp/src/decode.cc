@@ -298,6 +298,7 @@ class ZstdDecoder : public Decoder {
         ++frames_;
         frame_open_ = false;
         header_.clear();
+        header_read_ = false;
         content_ = ZSTD_CONTENTSIZE_UNKNOWN;
         in_frame_ = decoded_ = 0;
       } else {
@@ -319,18 +320,19 @@ class ZstdDecoder : public Decoder {
   // input not yet consumed) until ZSTD_getFrameHeader can read its content
   // size. A header libzstd rejects is its to report.
   void peek_header(const ZSTD_inBuffer& ib) {
-    if (header_done()) return;
-    size_t have = header_.size();  // frame bytes [0, have) copied; ib.pos is at frame byte in_frame_
-    if (have < in_frame_) return;   // cannot happen: copied before consumed
+    if (header_read_) return;
+    // Frame bytes [0, have) are copied, and ib.pos is at frame byte
+    // in_frame_ <= have (each call copies before libzstd consumes).
+    size_t have = header_.size();
+    if (have < in_frame_) return;  // not reached; keeps `at` inside the input if it were
     size_t at = ib.pos + (have - in_frame_);
     size_t take = std::min(size_t(ZSTD_FRAMEHEADERSIZE_MAX) - have, at < ib.size ? ib.size - at : 0);
     header_.append(static_cast<const char*>(ib.src) + at, take);
     ZSTD_frameHeader fh;
     size_t r = ZSTD_getFrameHeader(&fh, header_.data(), header_.size());
     if (r == 0 && fh.frameType == ZSTD_frame) content_ = fh.frameContentSize;
-    if (r == 0 || ZSTD_isError(r)) header_.resize(ZSTD_FRAMEHEADERSIZE_MAX + 1);  // done
+    header_read_ = r == 0 || ZSTD_isError(r);
   }
-  bool header_done() const { return header_.size() > ZSTD_FRAMEHEADERSIZE_MAX; }
 
   ZSTD_DCtx* ctx_ = nullptr;
   std::vector<uint8_t> out_;
@@ -338,6 +340,7 @@ class ZstdDecoder : public Decoder {
   bool frame_open_ = false;
   uint64_t frames_ = 0;
   std::string header_;  // the current frame's first bytes, until its header is read
+  bool header_read_ = false;
   uint64_t content_ = ZSTD_CONTENTSIZE_UNKNOWN;  // its declared content size
   uint64_t in_frame_ = 0, decoded_ = 0;  // its bytes consumed and decoded so far
 };

@@ -149,16 +149,11 @@ std::vector<uint32_t> Parallel::consume_any(const std::function<void(uint64_t, c
       s.parts[r.part].emitted = r.to;
       s.parts[r.part].crc = r.crc;
       if (s.complete()) {
-        // The parts in the segment's order: each starts where one ends.
+        // The parts' CRCs in the segment's order.
         uint32_t crc = 0;
-        uint64_t at = 0;
-        for (int n = 0; n < s.nparts; ++n)
-          for (int k = 0; k < s.nparts; ++k)
-            if (s.parts[k].from == at) {
-              crc = at == 0 ? s.parts[k].crc : crc32c_combine(crc, s.parts[k].crc, s.parts[k].to - at);
-              at = s.parts[k].to;
-              break;
-            }
+        for (int k = s.part_at(0); k >= 0; k = s.part_at(s.parts[k].to))
+          crc = s.parts[k].from == 0 ? s.parts[k].crc
+                                     : crc32c_combine(crc, s.parts[k].crc, s.parts[k].to - s.parts[k].from);
         crcs[r.seg] = crc;
         if (s.buf) spare_.push_back(std::move(s.buf));
         while (head_ < nseg_ && head_ < next_ && slots_[head_ % window_].owner == int64_t(head_) &&
@@ -197,16 +192,17 @@ bool Parallel::claimable_locked() const {
   return f == UINT64_MAX || segment_start(next_) < f + (ahead_ + 1) * seg_;
 }
 
+int Parallel::Slot::part_at(uint64_t from) const {
+  for (int k = 0; k < nparts; ++k)
+    if (parts[k].from == from) return k;
+  return -1;
+}
+
 uint64_t Parallel::Slot::contiguous() const {
   uint64_t at = 0;
-  for (bool moved = true; moved;) {
-    moved = false;
-    for (int k = 0; k < nparts; ++k)
-      if (parts[k].from == at && parts[k].at > at) {
-        if (parts[k].at < parts[k].to) return parts[k].at;
-        at = parts[k].to;
-        moved = true;
-      }
+  for (int k = part_at(0); k >= 0; k = part_at(at)) {
+    if (parts[k].at < parts[k].to) return parts[k].at;
+    at = parts[k].to;
   }
   return at;
 }

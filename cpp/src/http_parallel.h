@@ -132,6 +132,8 @@ class Parallel {
     int64_t owner = -1;  // segment held
     Part parts[kMaxParts];
     int nparts = 0;
+    // The part that starts at `from` (parts tile the segment), or -1.
+    int part_at(uint64_t from) const;
     // Bytes from the segment's start that are final (received by every part
     // up to there).
     uint64_t contiguous() const;
