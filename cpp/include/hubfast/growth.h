@@ -61,13 +61,14 @@ class GrowthPolicy {
   static constexpr double kSlowLink = 100e6;       // bytes/s: slower than any decoder's input
   static constexpr double kBusyProcess = 0.6;      // of the usable cores
   static constexpr double kBusyMachine = 0.85;     // of all CPUs
+  static constexpr double kCpuSpan = 0.1;          // seconds of CPU readings that judge a fast stream
 
   explicit GrowthPolicy(double cores) : cores_(cores > 0 ? cores : 1) {}
 
   // The first response: windows start here (time to the first byte is
   // latency, not a slow link).
   void begin(const GrowthSample& s) {
-    window_ = decided_ = s;
+    window_ = decided_ = span_ = span_next_ = s;
     first_window_ = true;
   }
 
@@ -98,6 +99,7 @@ class GrowthPolicy {
   GrowthSample window_;    // where the current window began
   GrowthSample run_;       // where the current run of starved windows began
   GrowthSample decided_;   // the last doubling
+  GrowthSample span_, span_next_;  // samples kCpuSpan apart: span_ is 1-2 spans old
 };
 
 }  // namespace hubfast
