@@ -1068,6 +1068,36 @@ def test_connections_grow_to_the_limit_on_a_per_connection_cap(mid, cache_dir, m
     assert src["connections"] >= 6, src
 
 
+def _own_ipv4_addresses() -> List[str]:
+    """This machine's IPv4 addresses other than loopback (SIOCGIFADDR per interface)."""
+    import fcntl
+    import struct
+
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sk:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(sk.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on it
+                continue
+            addr = socket.inet_ntoa(raw[20:24])
+            if not addr.startswith("127."):
+                found.append(addr)
+    return found
+
+
+def test_a_server_on_this_machine_is_known_as_one(big, cache_dir, tmp_path, monkeypatch):
+    """The server's address tells whether its sends share this machine's cores (growth then
+    weighs the machine's CPUs): loopback is local, and so is this machine's own address."""
+    hosts = ["127.0.0.1"] + _own_ipv4_addresses()[:1]
+    for host in hosts:
+        monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / host))
+        with TFHubServer(host=host) as srv:
+            srv.add_archive(HANDLE_PATH, big.gz)
+            src = resolve_ok(srv.url_for(HANDLE_PATH), big)
+        assert src["local_server"] == 1, (host, src)
+
+
 def test_connections_on_a_shared_link_cost_no_time(mid, tmp_path, monkeypatch):
     """A link shared by all connections (12 MiB/s in all): with idle CPUs more connections
     may be opened (a long round trip ramps up like this), but the download takes no longer

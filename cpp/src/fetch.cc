@@ -278,7 +278,7 @@ void HttpSource::establish_meta(const Response& r) {
   if (m.hash_usable && !m.hash.crc32c && !m.hash.md5.empty()) md5_ = std::make_unique<Digest>(DigestAlgo::kMd5);
 }
 
-uint64_t HttpSource::plan(RangeTask& first) {
+uint64_t HttpSource::plan(RangeTask& first, bool local_server) {
   const Meta& m = meta_;
   if (opt_.connections > 1 && m.ranges && m.total != kUnknown && m.total >= opt_.min_parallel_bytes &&
       !m.validator.empty()) {
@@ -293,6 +293,8 @@ uint64_t HttpSource::plan(RangeTask& first) {
       size_t window = size_t(std::max<uint64_t>(2, std::min<uint64_t>(2 * conns, kWindowBytes / seg)));
       parallel_ = true;
       par_ = std::make_unique<Parallel>(*this, *cancel_, m.total, seg, window, consumer_wait_);
+      par_->set_local_server(local_server);
+      st_local_server_.store(local_server);
       par_->allow_workers(opt_.connections - 1);
       if (opt_.adaptive_connections) {  // workers only while the consumer starves
         par_->follow_first_stream(&first);
@@ -343,7 +345,10 @@ void HttpSource::on_headers(Xfer& x) {
     // A whole object from byte 0 (the first request, or a restart before
     // any byte was emitted): it defines the object.
     establish_meta(r);
-    if (t.first_stream && !parallel_) t.end = plan(t);
+    if (t.first_stream && !parallel_) {
+      char* ip = nullptr;
+      t.end = plan(t, curl_easy_getinfo(x.easy, CURLINFO_PRIMARY_IP, &ip) == CURLE_OK && ip && address_is_local(ip));
+    }
     x.body = Xfer::Body::kData;
     return;
   }

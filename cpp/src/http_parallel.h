@@ -92,6 +92,7 @@ class Parallel {
   void grow_if_starved();
 
   void allow_workers(int max_workers) { policy_.allow(max_workers); }
+  void set_local_server(bool local) { policy_.set_local_server(local); }
   void first_stream_ended() {
     first_stream_ = 0;
     first_ = nullptr;

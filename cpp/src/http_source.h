@@ -20,6 +20,7 @@
 #include "hubfast/error.h"
 #include "hubfast/fetch.h"
 #include "http_parse.h"
+#include "local_peer.h"
 
 namespace hubfast::http {
 
@@ -128,7 +129,9 @@ class HttpSource : public Source {
   // one stream); steals: parts of a segment taken over by an idle
   // connection from a slower one; goog_hash_crc32c / goog_hash_md5: 1 when that x-goog-hash
   // digest was checked and matched; out_of_order: 1 when segments went to
-  // the decoder as they arrived rather than in order.
+  // the decoder as they arrived rather than in order; local_server: 1 when
+  // the peer of a parallel-capable download runs on this machine (growth
+  // then weighs the machine's CPUs, GrowthPolicy::set_local_server).
   void add_stats(std::function<void(const char*, double)> put) const override {
     put("http_requests", double(st_requests_.load()));
     put("retries", double(st_retries_.load()));
@@ -141,6 +144,7 @@ class HttpSource : public Source {
     put("goog_hash_crc32c", st_crc32c_.load() ? 1.0 : 0.0);
     put("goog_hash_md5", st_md5_.load() ? 1.0 : 0.0);
     put("out_of_order", st_any_order_.load() ? 1.0 : 0.0);
+    put("local_server", st_local_server_.load() ? 1.0 : 0.0);
   }
 
   // --- used by the callbacks and by Parallel ---------------------------------
@@ -156,6 +160,7 @@ class HttpSource : public Source {
   }
   std::atomic<uint64_t> st_segments_{0};
   std::atomic<uint64_t> st_steals_{0};
+  std::atomic<bool> st_local_server_{false};
 
  private:
   struct Attempt {
@@ -167,7 +172,9 @@ class HttpSource : public Source {
                               bool from_origin, Attempt& a);
   CURLcode perform(Conn& c, const HaltFn& halted);
   void establish_meta(const Response& r);
-  uint64_t plan(RangeTask& first);  // after Meta: maybe go parallel; returns the first stream's end
+  // After Meta: maybe go parallel; returns the first stream's end. `local_server`:
+  // the peer runs on this machine (GrowthPolicy::set_local_server).
+  uint64_t plan(RangeTask& first, bool local_server);
   void set_resolved(const std::string& u) {
     std::lock_guard<std::mutex> lk(mu_);
     resolved_ = u;

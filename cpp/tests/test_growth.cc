@@ -1,13 +1,20 @@
 // GrowthPolicy on synthetic links: how many connections it opens when the
 // consumer waits or not, the link pays for more or not, and the CPUs are
 // busy or idle. read_cpu and usable_cores against this machine.
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
+
 #include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <chrono>
 #include <functional>
+#include <set>
+#include <string>
 
 #include "hubfast/growth.h"
+#include "../src/local_peer.h"
 
 using namespace hubfast;
 
@@ -182,14 +189,21 @@ TEST_CASE("growth: a fast stream from a server on this machine waits for the cor
   // process uses 1.5 cores of 2 with windows down to 1.1, the server's sends take the rest.
   struct Case {
     const char* what;
+    bool local;
     double cpu, dip, machine;  // this process most windows, one window in five; all CPUs
     bool grows;
   };
-  for (Case c : {Case{"the machine busy: one connection", 0.75, 0.45, 0.95, false},
-                 Case{"CPUs left over: more connections", 0.45, 0.35, 0.5, true}}) {
+  for (Case c : {Case{"local server, the machine busy: one connection", true, 0.75, 0.45, 0.95, false},
+                 Case{"local server, CPUs left over: more connections", true, 0.45, 0.35, 0.5, true},
+                 Case{"local server, this process idle but the machine busy: one", true, 0.45, 0.35, 0.95, false},
+                 Case{"remote server, the process busy but for dips: one connection", false, 0.75, 0.45, 0.95, false},
+                 // A datacenter link on a host whose other work keeps the CPUs busy: more
+                 // connections cost little CPU here, and bring more bytes.
+                 Case{"remote server, this process idle, the machine busy: more", false, 0.45, 0.35, 0.95, true}}) {
     INFO(c.what);
     Link l(8, 1);
-    l.rate = [](int) { return 1000 * kMB; };
+    l.policy.set_local_server(c.local);
+    l.rate = [](int n) { return 150 * kMB * n; };
     l.wait = 0.95;
     l.cpu = [&l, c](int) { return int(l.s.t / GrowthPolicy::kWindow) % 5 ? c.cpu : c.dip; };
     l.machine = c.machine;
@@ -282,4 +296,39 @@ TEST_CASE("growth: read_cpu and usable_cores read this machine") {
   CHECK(b.busy >= a.busy);
   CHECK(b.all >= b.busy);
   CHECK(a.all > 0);  // /proc/stat is there on Linux
+}
+
+TEST_CASE("growth: a peer on this machine is told from a remote one") {
+  using hubfast::http::address_is_local;
+  CHECK(address_is_local("127.0.0.1"));
+  CHECK(address_is_local("127.3.2.1"));
+  CHECK(address_is_local("::1"));
+  CHECK(address_is_local("::ffff:127.0.0.1"));
+  CHECK_FALSE(address_is_local("2001:db8::1"));  // documentation prefix
+  CHECK_FALSE(address_is_local(""));
+  CHECK_FALSE(address_is_local("not an address"));
+  // This machine's own IPv4 addresses are local; documentation ones it does not have are not
+  // (this VM's eth0 is 192.0.2.2).
+  std::set<std::string> own;
+  ifaddrs* list = nullptr;
+  REQUIRE(getifaddrs(&list) == 0);
+  for (ifaddrs* a = list; a; a = a->ifa_next) {
+    if (!a->ifa_addr || a->ifa_addr->sa_family != AF_INET) continue;
+    char buf[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ifa_addr)->sin_addr, buf, sizeof buf);
+    own.insert(buf);
+  }
+  freeifaddrs(list);
+  for (const std::string& ip : own) {
+    INFO(ip);
+    CHECK(address_is_local(ip));
+  }
+  int remote = 0;
+  for (const char* ip : {"192.0.2.1", "192.0.2.77", "198.51.100.7", "203.0.113.9"}) {
+    if (own.count(ip)) continue;
+    INFO(ip);
+    CHECK_FALSE(address_is_local(ip));
+    ++remote;
+  }
+  CHECK(remote >= 3);
 }

@@ -72,6 +72,10 @@ class GrowthPolicy {
     first_window_ = true;
   }
 
+  // Whether the server (or proxy) runs on this machine: its sends then take
+  // the cores the decoder needs, and a fast stream grows only with CPUs left.
+  void set_local_server(bool local) { local_server_ = local; }
+
   // The connection limit; a limit frozen by the rate check stays frozen.
   void allow(int max_workers) { max_ = frozen_ && max_workers > max_ ? max_ : max_workers; }
   int limit() const { return max_; }
@@ -92,6 +96,7 @@ class GrowthPolicy {
   double cores_;
   int max_ = 0;
   bool frozen_ = false;
+  bool local_server_ = false;
   bool settling_ = false;  // a doubling's connections have not all settled
   int starved_ = 0;        // starved windows in a row (a famished one counts two)
   bool first_window_ = false;  // the window after begin(): the pipeline still filling
