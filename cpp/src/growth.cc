@@ -115,15 +115,8 @@ int GrowthPolicy::step(const GrowthSample& s, int workers, int settled, int othe
   double rate = double(s.bytes - run_.bytes) / (s.t - run_.t);
   if (rate_at_growth_ == 0) {
     if (process_bound(run_, s)) return 0;
-    // A stream faster than kSlowLink whose consumer still waits may be
-    // waiting for a CPU: for the receive path, or, with the server on this
-    // machine (loopback, a node-local cache, a local proxy), for its sends.
-    // More connections then only share the same cores. So the first
-    // doubling judges the CPUs over kCpuSpan, a window being a few
-    // /proc/stat ticks: on loopback, single windows of 1.1 busy cores of 2
-    // amid 1.5 grew a 1 GiB .tar.zst to 2 connections in 2 runs of 6,
-    // +0.2-0.3 s each. The machine's other load counts only when it is
-    // the server's: a remote link's extra connections cost little CPU.
+    // A fast stream may wait for a CPU, its server's too when that runs
+    // here (see the header): judged over kCpuSpan, not one window.
     if (rate >= kSlowLink &&
         (s.t - span_.t < kCpuSpan || (local_server_ ? cpu_bound(span_, s) : process_bound(span_, s))))
       return 0;
