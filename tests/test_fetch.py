@@ -1098,6 +1098,22 @@ def test_a_server_on_this_machine_is_known_as_one(big, cache_dir, tmp_path, monk
         assert src["local_server"] == 1, (host, src)
 
 
+def test_growth_trace_prints_each_window(server, big, cache_dir):
+    """HUBFAST_GROWTH_TRACE=1 (debugging): each growth window's cumulative readings on stderr,
+    one line each, the byte count never going back."""
+    server.add_archive(HANDLE_PATH, big.gz)
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR, HUBFAST_GROWTH_TRACE="1")
+    p = subprocess.run([sys.executable, "-c", _RESOLVE_CHILD, server.url_for(HANDLE_PATH)],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "OK", (p.stdout, p.stderr)
+    lines = [line for line in p.stderr.splitlines() if line.startswith("growth ")]
+    assert lines, p.stderr
+    windows = [dict(kv.split("=") for kv in line.split()[1:]) for line in lines]
+    assert set(windows[0]) == {"t", "bytes", "waited", "cpu", "busy", "all", "stolen", "workers", "add"}
+    got = [int(w["bytes"]) for w in windows]
+    assert got == sorted(got) and 0 < got[-1] <= len(big.gz), got
+
+
 def test_connections_on_a_shared_link_cost_no_time(mid, tmp_path, monkeypatch):
     """A link shared by all connections (12 MiB/s in all): with idle CPUs more connections
     may be opened (a long round trip ramps up like this), but the download takes no longer
