@@ -278,7 +278,7 @@ void HttpSource::establish_meta(const Response& r) {
   if (m.hash_usable && !m.hash.crc32c && !m.hash.md5.empty()) md5_ = std::make_unique<Digest>(DigestAlgo::kMd5);
 }
 
-uint64_t HttpSource::plan(RangeTask& first, bool local_server) {
+uint64_t HttpSource::plan(RangeTask& first, CURL* easy) {
   const Meta& m = meta_;
   if (opt_.connections > 1 && m.ranges && m.total != kUnknown && m.total >= opt_.min_parallel_bytes &&
       !m.validator.empty()) {
@@ -293,8 +293,11 @@ uint64_t HttpSource::plan(RangeTask& first, bool local_server) {
       size_t window = size_t(std::max<uint64_t>(2, std::min<uint64_t>(2 * conns, kWindowBytes / seg)));
       parallel_ = true;
       par_ = std::make_unique<Parallel>(*this, *cancel_, m.total, seg, window, consumer_wait_);
-      par_->set_local_server(local_server);
-      st_local_server_.store(local_server);
+      // The peer's address (getifaddrs) only for a download that may grow.
+      char* ip = nullptr;
+      const bool local = curl_easy_getinfo(easy, CURLINFO_PRIMARY_IP, &ip) == CURLE_OK && ip && address_is_local(ip);
+      par_->set_local_server(local);
+      st_local_server_.store(local);
       par_->allow_workers(opt_.connections - 1);
       if (opt_.adaptive_connections) {  // workers only while the consumer starves
         par_->follow_first_stream(&first);
@@ -345,10 +348,7 @@ void HttpSource::on_headers(Xfer& x) {
     // A whole object from byte 0 (the first request, or a restart before
     // any byte was emitted): it defines the object.
     establish_meta(r);
-    if (t.first_stream && !parallel_) {
-      char* ip = nullptr;
-      t.end = plan(t, curl_easy_getinfo(x.easy, CURLINFO_PRIMARY_IP, &ip) == CURLE_OK && ip && address_is_local(ip));
-    }
+    if (t.first_stream && !parallel_) t.end = plan(t, x.easy);
     x.body = Xfer::Body::kData;
     return;
   }

@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 
+#include "env_flag.h"
 #include "hubfast/digest.h"
 #include "hubfast/error.h"
 
@@ -37,10 +37,7 @@ void Parallel::grow_if_starved() {
   if (due) read_cpu(s);  // /proc/stat at most once a window
   int add = policy_.step(s, int(threads_.size()), int(settled_.load(std::memory_order_relaxed)), first_stream_);
   // HUBFAST_GROWTH_TRACE=1: each window's cumulative readings on stderr (debugging).
-  static const bool trace = [] {
-    const char* e = std::getenv("HUBFAST_GROWTH_TRACE");
-    return e && *e && *e != '0';
-  }();
+  static const bool trace = env_flag("HUBFAST_GROWTH_TRACE");
   if (trace && due)
     std::fprintf(stderr, "growth t=%.4f bytes=%llu waited=%.4f cpu=%.4f busy=%.3f all=%.3f stolen=%.3f workers=%d add=%d\n",
                  s.t, (unsigned long long)s.bytes, s.waited, s.cpu, s.busy, s.all, s.stolen, int(threads_.size()), add);

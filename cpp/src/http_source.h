@@ -172,9 +172,9 @@ class HttpSource : public Source {
                               bool from_origin, Attempt& a);
   CURLcode perform(Conn& c, const HaltFn& halted);
   void establish_meta(const Response& r);
-  // After Meta: maybe go parallel; returns the first stream's end. `local_server`:
-  // the peer runs on this machine (GrowthPolicy::set_local_server).
-  uint64_t plan(RangeTask& first, bool local_server);
+  // After Meta: maybe go parallel; returns the first stream's end. `easy`
+  // received the response (its peer's address: GrowthPolicy::set_local_server).
+  uint64_t plan(RangeTask& first, CURL* easy);
   void set_resolved(const std::string& u) {
     std::lock_guard<std::mutex> lk(mu_);
     resolved_ = u;

@@ -61,6 +61,7 @@
 #include <thread>
 #include <vector>
 
+#include "env_flag.h"
 #include "hubfast/error.h"
 #include "hubfast/spares.h"
 #include "pgzip_inflate.h"
@@ -95,10 +96,7 @@ std::string isal_message(int r) {
 
 // HUBFAST_PGZIP_TRACE=1: one line per job event on stderr (debugging).
 bool tracing() {
-  static const bool on = [] {
-    const char* e = std::getenv("HUBFAST_PGZIP_TRACE");
-    return e && *e && *e != '0';
-  }();
+  static const bool on = env_flag("HUBFAST_PGZIP_TRACE");
   return on;
 }
 #define PGZ_TRACE(...)                     \
