@@ -6,6 +6,7 @@ A variant is a list of environment assignments for the resolving process, e.g.
     python bench/bench_ab.py --size 1024 --kind zst --runs 6 --a HUBFAST_CONNECTIONS=2 --b ""
     python bench/bench_ab.py --size 1024 --kind zst --local --a PYTHONPATH=/tmp/old --b ""
     python bench/bench_ab.py --size 256 --kind gz --cap 50e6 --a PYTHONPATH=/tmp/old --b ""
+    python bench/bench_ab.py --size 1024 --kind zst --a "" --b "" --trace /tmp/traces
 
 Over HTTP the archive is served on loopback (hubfast.testing.TFHubServer, in this process,
 digests computed before any timed run); with --local the file itself is resolved. Prints
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 from typing import Dict, List
 
 import bench_fetch
@@ -41,6 +43,9 @@ def main() -> None:
     ap.add_argument("--b", default="", help="variant B: NAME=VALUE ...")
     ap.add_argument("--local", action="store_true", help="resolve the local file, no HTTP")
     ap.add_argument("--cap", type=float, default=0, help="bytes/s per connection (0: none)")
+    ap.add_argument("--trace", metavar="DIR",
+                    help="HUBFAST_GROWTH_TRACE=1 in every run; each run's trace goes to DIR/<A|B>-<n>.err "
+                         "(one line per 20 ms growth window: its readings and the connections added)")
     ap.add_argument("--verbose", action="store_true",
                     help="each run: wall, CPU, peak RSS growth, minor faults, involuntary switches, VM steal")
     args = ap.parse_args()
@@ -61,10 +66,17 @@ def main() -> None:
         srv.start()
         handle = srv.url + path
     common.WARM_MIB[0] = args.size  # see common.COLD_PAGES
+    trace_dir = Path(args.trace) if args.trace else None
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        for v in variants.values():
+            v["HUBFAST_GROWTH_TRACE"] = "1"
     try:
         for i in range(args.runs):
             for v in ("AB" if i % 2 == 0 else "BA"):
-                outs[v].append(bench_fetch.timed(bench_fetch.child(bench_fetch.HUBFAST_CHILD, handle, variants[v])))
+                keep = (lambda err, f=trace_dir / f"{v}-{i}.err": f.write_text(err)) if trace_dir else None
+                outs[v].append(bench_fetch.timed(bench_fetch.child(bench_fetch.HUBFAST_CHILD, handle, variants[v],
+                                                                   stderr_to=keep)))
     finally:
         common.free_pending()
         if srv is not None:

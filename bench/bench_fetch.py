@@ -83,8 +83,10 @@ def _summary(samples: List[float]) -> Dict:
             "runs": samples}
 
 
-def child(code: str, handle: str, env: Optional[Dict[str, str]] = None) -> Callable[[], Dict]:
-    """A run: a fresh process and cache resolving `handle`; returns the child's JSON line."""
+def child(code: str, handle: str, env: Optional[Dict[str, str]] = None,
+          stderr_to: Optional[Callable[[str], None]] = None) -> Callable[[], Dict]:
+    """A run: a fresh process and cache resolving `handle`; returns the child's JSON line.
+    `stderr_to` receives the child's stderr (a trace) when it succeeds."""
 
     def run() -> Dict:
         cache = common.run_dir("fetch-cache")
@@ -100,6 +102,8 @@ def child(code: str, handle: str, env: Optional[Dict[str, str]] = None) -> Calla
                                text=True, timeout=3600)
             if p.returncode != 0:
                 raise RuntimeError(f"child failed ({p.returncode}): {p.stderr[-3000:]}")
+            if stderr_to is not None:
+                stderr_to(p.stderr)
             return json.loads(p.stdout.strip().splitlines()[-1])
         finally:
             common.release(cache)
