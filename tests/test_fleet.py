@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -30,58 +29,14 @@ import hubfast
 from hubfast.cache import entry_name
 from hubfast.pack import pack
 from hubfast.testing.models import tree_digest
+from hubfast.testing.nginx import nginx_binary, write_conf
 from hubfast.testing.server import TFHubServer
 
 PYTHONPATH = str(Path(hubfast.__file__).resolve().parents[1])
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
-                                  else None)
+NGINX = nginx_binary()
 MODEL = "/fleet/model/1"
 BIG = "/fleet/big/1"
 CLIENTS = 6
-
-# The documented configuration (README "Fleet behind a caching proxy"), with the paths
-# and ports of the test filled in.
-NGINX_CONF = """\
-daemon off;
-{user}
-worker_processes 2;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-
-    proxy_cache_path {prefix}/cache levels=1:2 keys_zone=models:10m
-                     max_size=50g inactive=30d use_temp_path=off;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass {origin};
-            proxy_cache models;
-            # $request_uri keeps the query: ?tf-hub-format=compressed (the archive) and
-            # the bare URL (an HTML page) must be different cache entries.
-            proxy_cache_key $scheme$proxy_host$request_uri;
-            proxy_cache_valid 200 30d;
-            # One request goes to the origin; the others wait for the cache to fill.
-            proxy_cache_lock on;
-            proxy_cache_lock_timeout 1h;
-            proxy_cache_lock_age 1h;
-            proxy_cache_use_stale error timeout updating;
-            # Ranged requests (parallel connections) are answered from the cache.
-            proxy_force_ranges on;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_read_timeout 300s;
-            add_header X-Cache-Status $upstream_cache_status always;
-        }}
-    }}
-}}
-"""
 
 
 def _env(cache: Path, **extra: str) -> Dict[str, str]:
@@ -115,13 +70,8 @@ class Nginx:
 
     def __init__(self, binary: str, prefix: Path, origin: str) -> None:
         self.prefix = prefix
-        for d in ("tmp", "cache", "logs"):
-            (prefix / d).mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
-        user = "user root;" if os.geteuid() == 0 else ""  # workers must reach tmp_path
-        conf = prefix / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(prefix=prefix, port=self.port, origin=origin,
-                                          user=user))
+        conf = write_conf(prefix, f"127.0.0.1:{self.port}", origin)
         test = subprocess.run([binary, "-t", "-c", str(conf), "-p", str(prefix)],
                               capture_output=True, text=True)
         assert test.returncode == 0, test.stderr

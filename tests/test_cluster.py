@@ -1,0 +1,78 @@
+"""Many hosts, one model: simulated hosts (network namespaces, tc-capped links) resolving
+one handle at once, straight from the origin and through the README's nginx proxy.
+
+The rows are those of ``bench/bench_cluster.py`` (4 hosts and 32 MiB here). Skipped when the
+machine cannot make namespaces (not root, no iproute2) or lacks nginx, unless ``CI`` is set:
+then it fails, so CI cannot pass without running it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hubfast.testing import netsim
+from hubfast.testing.cluster import Cluster
+from hubfast.testing.nginx import nginx_binary
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+HOSTS = 4
+SIZE = 32 << 20
+RATE = 20e6  # bytes/s per link and direction: one host alone needs ~1.7 s
+
+
+def _require(why: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}; CI requires the cluster test to run")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = netsim.missing_tools() or (None if nginx_binary() else "nginx is not installed")
+    if why:
+        _require(why)
+    from bench_cluster import random_model  # the benchmark's own model
+
+    from hubfast.pack import pack
+
+    tmp = tmp_path_factory.mktemp("cluster")
+    src = random_model(tmp, SIZE)
+    archive = tmp / "model.tar.gz"
+    pack(src, archive, gzip_tool="auto", level=1)
+    c = Cluster(HOSTS, archive, src, RATE, tmp / "work")
+    try:
+        yield c
+    finally:
+        prefix = c.net.prefix
+        c.close()
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert prefix not in left, f"namespaces left behind: {left}"
+
+
+def test_direct_and_proxy_rows(cluster):
+    size = cluster.archive.stat().st_size
+    direct = cluster.direct_row()
+    assert direct["identical"], direct
+    # Every host pulled the whole archive from the origin (over parallel ranges or not).
+    assert 0.99 * HOSTS * size <= direct["origin_bytes"] <= 1.1 * HOSTS * size, direct
+    # The origin's link is shared by all: the last host is well behind one host alone.
+    assert direct["last_ready_s"] > 1.5 * direct["single_host_s"], direct
+
+    proxy = cluster.proxy_row()
+    assert proxy["identical"], proxy
+    assert size <= proxy["origin_bytes"] <= 1.1 * size, proxy  # the proxy fetched it once
+    assert proxy["hosts"] == HOSTS and proxy["archive_bytes"] == size
+
+
+def test_links_are_capped_and_private(cluster):
+    """A host has no default route: nothing it sends can leave the switch."""
+    h = cluster.clients[0]
+    routes = h.run(["ip", "route", "show", "default"], capture_output=True, text=True).stdout
+    assert routes.strip() == ""
+    p = h.run(["ip", "route", "get", "1.1.1.1"], capture_output=True, text=True)
+    assert p.returncode != 0  # unreachable: no route leaves the namespace
