@@ -62,7 +62,7 @@ def fresh_dir(name: str) -> Path:
 # This VM's balloon (virtio free page reporting) hands memory that has been free for ~2 s back
 # to its host, and touching such memory again costs ~11 us per 4 KiB page in the guest: writing
 # 1 GiB into the page cache took 0.2-0.3 s right after deleting a file of that size and 2.8-3.8 s
-# 6 s after (dd, session 10). A run that writes a model would pay 0-2.8 s per GiB depending on
+# 6 s after (dd). A run that writes a model would pay 0-2.8 s per GiB depending on
 # what ran before it and when (round robin: the row after a tool that writes nothing paid it
 # every time; pages freed a few seconds after they were written were often cold too). So before
 # each writing run's timed section (in a resolving child: after its imports) the previous runs'

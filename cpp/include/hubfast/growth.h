@@ -25,41 +25,37 @@ void read_cpu(GrowthSample& s);
 double usable_cores();
 
 // Doubles the connections whenever the consumer spent more than half of two
-// windows in a row waiting for bytes (or nine tenths of one; the first one
-// only on a link under kSlowLink: a decoder waits through it on any link,
-// for a whole zstd frame or the two gzip segments it starts from, and on
-// loopback that alone grew a 1 GiB .tar.zst to 2-7 connections in 4 runs of
-// 10, +0.2 s), so a slow link
-// reaches the full count in a few steps while a fast one, whose consumer
-// waits only briefly between chunks, keeps its two.
+// windows in a row waiting for bytes, or nine tenths of one. A single window
+// counts only on a link slower than kSlowLink: on any link a decoder waits
+// through its first window, for a whole zstd frame or the two gzip segments
+// it starts from, and that wait says nothing about the link. So a slow link
+// reaches the full count in a few steps, while a fast one, whose consumer
+// waits only briefly between chunks, stays on the connections it has.
 //
 // A consumer also waits when the machine's cores are all busy (decoding,
 // writing, the receive path itself): more connections then bring no more
-// bytes, only more threads and copies (1 GiB .tar.zst on loopback, 2 cores:
-// one stream 1.32 s, grown to 4 1.52 s). So the first doubling waits while
+// bytes, only more threads and copies. So the first doubling waits while
 // this process uses kBusyProcess of the cores, and each further one is
-// measured: once every connection has received
-// kSettleBytes (a new one's handshake and slow start are not counted against
-// it), a starved window's rate is compared with the rate that led to the last
-// doubling; a doubling that brought 1.8x the bytes or more is followed by a
-// quadrupling. Growth stops when the gain is under 25% *and* the CPUs were busy;
-// with idle CPUs a small gain is a link still ramping up (TCP slow start on a
-// long round trip), so growth goes on.
+// measured: once every connection has received kSettleBytes (a new one's
+// handshake and slow start are not counted against it), a starved window's
+// rate is compared with the rate that led to the last doubling; a doubling
+// that brought kLinear times the bytes or more (a per-connection limit) is
+// followed by a quadrupling. Growth stops when the gain is under kGain *and*
+// the CPUs were busy; with idle CPUs a small gain is a link still ramping up
+// (TCP slow start on a long round trip), so growth goes on.
 //
 // A first stream faster than kSlowLink whose consumer waits may wait for a
 // CPU rather than the link: its first doubling also needs kCpuSpan of CPU
 // readings showing this process below kBusyProcess, and, when the server
 // runs on this machine (set_local_server: loopback, an own address, a local
 // proxy), the machine below kBusyMachine, as the server's sends take the
-// same cores. Single windows are a few /proc/stat ticks: on loopback they
-// grew a 1 GiB .tar.zst to 2 connections in 2 runs of 6 (+0.2-0.3 s).
+// same cores. A single window is a few /proc/stat ticks, too coarse to judge
+// alone.
 //
 // On a VM, time the hypervisor takes from this guest (steal) is neither a
 // wait for the link nor idle CPU: the receiving thread did not run. The
 // steal of all CPUs (the stolen one may be the receiver's; /proc/stat does
-// not say) is taken off both the window's wait and its wall time: 50-110 ms
-// of steal during a 1 GiB .tar.zst on loopback grew it to 2-4 connections,
-// +0.3 CPU-s and +0.2-0.3 s.
+// not say) is taken off both the window's wait and its wall time.
 class GrowthPolicy {
  public:
   static constexpr double kWindow = 0.020;         // seconds
