@@ -6,8 +6,12 @@ existing ``except`` clauses keep working. No name shadows a builtin.
 """
 from __future__ import annotations
 
+import email.message
 import errno as _errno
+import http.client
+import io
 import urllib.error
+from typing import Optional
 
 __all__ = [
     "HubfastError",
@@ -55,19 +59,37 @@ class NetworkError(HubfastError, urllib.error.URLError):
 
 
 class HTTPStatusError(NetworkError, urllib.error.HTTPError):
-    """The server answered with an error status (``code``) that retrying won't fix."""
+    """The server answered with an error status (``code``) that retrying won't fix.
 
-    def __init__(self, message: str, code: int = 0, url: str = "") -> None:
-        # urllib's HTTPError derives `reason` from `msg`; set fields directly.
-        self.msg = message
-        self.code = code
-        self.hdrs = None  # type: ignore[assignment]
-        self.fp = None
-        self.filename = url
+    Behaves as urllib's ``HTTPError``: ``code``, ``reason``, ``headers``, ``url``,
+    ``getcode()``, and an empty body from ``read()``."""
+
+    def __init__(self, message: str, code: int = 0, url: str = "",
+                 headers: Optional[email.message.Message] = None) -> None:
+        # HTTPError's constructor sets up the response object its attribute lookups
+        # and its printing rely on; skipping it made an uncaught error unprintable.
+        urllib.error.HTTPError.__init__(self, url, code, message,
+                                        headers if headers is not None else http.client.HTTPMessage(),
+                                        io.BytesIO())
         self.args = (message,)
 
     def __str__(self) -> str:
         return self.args[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.args[0]!r}, code={self.code})"
+
+    def __reduce__(self):  # pickles (multiprocessing) as its own class, message intact
+        return (_rebuild, (type(self), self.args[0], self.code, self.url))
+
+
+def _rebuild(cls: type, message: str, code: int, url: str) -> "HTTPStatusError":
+    try:
+        e = cls(message, code, url)
+    except TypeError:  # subclasses that take (message, code)
+        e = cls(message, code)
+        e.filename = url
+    return e
 
 
 class IntegrityError(HubfastError, OSError):
