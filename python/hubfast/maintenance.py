@@ -358,14 +358,20 @@ def find_entries(root: str, query: str) -> List[str]:
             os.path.realpath(os.path.dirname(query.rstrip("/"))) == os.path.realpath(root):
         add(base)
     add(hashlib.sha1(query.encode("utf8")).hexdigest())
-    try:
-        from . import resolvers  # noqa: PLC0415
+    from . import resolvers  # noqa: PLC0415
 
+    try:
         add(resolvers.describe(query).get("entry_name"))  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 - e.g. a local archive that no longer exists
         pass
+    # A local archive is recorded under its real path, so `./m.tar.zst` means the one here.
+    handles = {query}
+    if isinstance(resolvers.resolver_for(query), resolvers.LocalArchiveResolver):
+        handles = {resolvers.local_archive_handle(query)}
+        if os.path.isabs(query):
+            handles.add(query)  # entries recorded before handles were made real paths
     for name in groups:
-        if name not in found and read_descriptor(root, name)[0] == query:
+        if name not in found and read_descriptor(root, name)[0] in handles:
             add(name)
     return found
 

@@ -402,20 +402,28 @@ class LocalArchiveResolver(_PlannedResolver):
 
     def plan(self, handle: str, sha256: Optional[str] = None, *,
              settings: Optional[config.Settings] = None, credentials: bool = True) -> Plan:
-        path = os.path.abspath(_local_path(handle))
+        # The archive's real path names the entry and its descriptor: `./m.tar.zst` typed in
+        # two directories is two archives, and a link to an archive is that archive.
+        path = local_archive_handle(handle)
         try:
             st = os.stat(path)
         except FileNotFoundError:
             raise errors.NotFoundError(f"{handle}: archive {path} does not exist") from None
         except PermissionError:
             raise errors.AccessDeniedError(f"{handle}: archive {path} is not readable by this user") from None
-        key = f"{handle}\0{st.st_size}\0{st.st_mtime_ns}"
+        key = f"{path}\0{st.st_size}\0{st.st_mtime_ns}"
         name = hashlib.sha1(key.encode("utf8")).hexdigest()
-        return Plan(type(self).__name__, handle, name, path, self._pin(handle, sha256))
+        pin = self._pin(handle, sha256, settings) or (self._pin(path, None, settings) if not sha256 else "")
+        return Plan(type(self).__name__, path, name, path, pin)
 
     def resolve_entry(self, handle: str, sha256: Optional[str] = None) -> cache.Entry:
         plan = self.plan(handle, sha256)
-        return cache.fetch_entry(handle, path=plan.url, name=plan.entry_name, sha256=plan.sha256)
+        return cache.fetch_entry(plan.handle, path=plan.url, name=plan.entry_name, sha256=plan.sha256)
+
+
+def local_archive_handle(handle: str) -> str:
+    """A local archive's handle as hubfast records it: its absolute real path."""
+    return os.path.realpath(_local_path(handle))
 
 
 # File systems TensorFlow (or tensorflow-io) reads: such paths are used in place.
