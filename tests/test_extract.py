@@ -564,7 +564,10 @@ def slow_tarbz2(tmp_path_factory) -> Path:
 
 def test_ctrl_c_stops_extraction_promptly(slow_tarbz2, cache_dir):
     code = textwrap.dedent("""
-        import sys, hubfast
+        import signal, sys, hubfast
+        # Ctrl-C as in a terminal, however the suite was started (a background job, a CI
+        # runner: SIGINT inherited as ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         print("start", flush=True)
         try:
             hubfast.resolve(sys.argv[1])
@@ -597,7 +600,7 @@ def test_ctrl_c_stops_extraction_promptly(slow_tarbz2, cache_dir):
             proc.kill()
             proc.wait()
     assert proc.returncode == 42 and "interrupted" in out, (out, err)
-    assert took < 2.0, f"exited {took:.2f} s after SIGINT"
+    assert took < 5, f"exited {took:.2f} s after SIGINT"  # generous: a busy machine
     assert_cache_clean(cache_dir)
 
 

@@ -637,8 +637,9 @@ def test_bandwidth_cap() -> None:
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_total_bandwidth_is_shared_by_all_connections(tmp_path, shared: bool) -> None:
-    """Two concurrent downloads of 2 MiB from a file (the sendfile path): a 4 MiB/s cap per
-    connection lets both finish in ~0.5 s; 4 MiB/s for the whole link takes ~1 s."""
+    """Four concurrent downloads of 2 MiB from a file (the sendfile path): a 4 MiB/s cap per
+    connection lets all finish in ~0.5 s; 4 MiB/s for the whole link takes ~2 s. The bounds
+    leave a busy machine a second either way."""
     blob = os.urandom(2 << 20)
     f = tmp_path / "m.tar.gz"
     f.write_bytes(blob)
@@ -647,17 +648,17 @@ def test_total_bandwidth_is_shared_by_all_connections(tmp_path, shared: bool) ->
         server.add_archive(MODEL, str(f))
         bodies: List[bytes] = []
         t0 = time.monotonic()
-        threads = [threading.Thread(target=lambda: bodies.append(request(server, MODEL)[1])) for _ in range(2)]
+        threads = [threading.Thread(target=lambda: bodies.append(request(server, MODEL)[1])) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(10)
+            t.join(15)
         elapsed = time.monotonic() - t0
-    assert bodies == [blob, blob]
+    assert bodies == [blob] * 4
     if shared:
-        assert 0.85 <= elapsed < 5, elapsed
+        assert 1.8 <= elapsed < 10, elapsed
     else:
-        assert 0.4 <= elapsed < 0.8, elapsed
+        assert 0.4 <= elapsed < 1.5, elapsed
 
 
 def test_bandwidth_and_total_bandwidth_are_exclusive() -> None:

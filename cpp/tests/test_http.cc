@@ -166,11 +166,12 @@ std::string random_body(size_t n) {
 
 TEST_CASE("http: an idle connection takes over the rest of a slow one", "[http]") {
   // 16 MiB in four 4 MiB segments over 4 connections; the first worker's
-  // segment (the second GET) drips at 1 MiB/s: 4 s alone.
+  // segment (the second GET) drips at 512 KiB/s: 8 s alone, far from the
+  // bound below even on a busy machine.
   const std::string body = random_body(16 << 20);
   for (bool any_order : {false, true}) {
     INFO((any_order ? "segments as they arrive" : "segments in order"));
-    RangeServer srv(body, 2, 1 << 20);
+    RangeServer srv(body, 2, 1 << 19);
     FetchOptions o;
     o.url = srv.url();
     o.connections = 4;
@@ -208,6 +209,6 @@ TEST_CASE("http: an idle connection takes over the rest of a slow one", "[http]"
     CHECK(st["out_of_order"] == (any_order ? 1 : 0));
     CHECK(st["steals"] >= 1);
     CHECK(st["http_requests"] == st["segments"] + st["steals"]);
-    CHECK(took < 3.5);  // generous (sanitizers): the slow segment alone takes 4 s
+    CHECK(took < 6);  // generous (sanitizers, a busy machine): the slow segment alone takes 8 s
   }
 }
