@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 import tensorflow as tf
@@ -144,13 +145,68 @@ class _GraphIndex:
         return gd, used
 
 
+def _is_wrapped_graph() -> bool:
+    """Tracing tf.compat.v1.wrap_function from eager code (its FuncGraph's name is all that
+    tells it). From a TF1 graph, state goes to that graph as for tf.function."""
+    graph = v1.get_default_graph()
+    if not (tf.inside_function() and str(getattr(graph, "name", "")).startswith(
+            "wrapped_function")):
+        return False
+    with tf.init_scope():
+        return tf.executing_eagerly()
+
+
+# Variables made by _wrapped_graph_variable, kept alive as long as their graph.
+_GRAPH_VARIABLES: "weakref.WeakKeyDictionary[tf.Graph, List[tf.Variable]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _wrapped_graph_variable(name: str, dtype: tf.DType, shape: tf.TensorShape,
+                            init_fn: Callable[[], tf.Tensor], trainable: bool,
+                            collection: str) -> tf.Variable:
+    """A resource variable whose ops live in the graph of tf.compat.v1.wrap_function, with
+    its initializer there (run by the caller's ``global_variables_initializer()``, pruned
+    out of the wrapped function). tf.Variable would create it eagerly instead."""
+    from tensorflow.core.framework import variable_pb2  # pylint: disable=import-outside-toplevel
+    from tensorflow.python.ops import resource_variable_ops  # pylint: disable=import-outside-toplevel
+
+    graph = v1.get_default_graph()
+    with v1.name_scope(name) as scope:
+        handle = tf.raw_ops.VarHandleOp(dtype=dtype, shape=shape, shared_name=scope[:-1],
+                                        name=scope[:-1].rsplit("/", 1)[-1])
+    with v1.name_scope(scope):
+        initial = init_fn()
+        assign = tf.raw_ops.AssignVariableOp(resource=handle, value=initial, name="Assign")
+        read = tf.raw_ops.ReadVariableOp(resource=handle, dtype=dtype, name="Read")
+    vd = variable_pb2.VariableDef(
+        variable_name=handle.name, initializer_name=assign.name, snapshot_name=read.name,
+        initial_value_name=initial.name, is_resource=True, trainable=trainable)
+    var = resource_variable_ops.ResourceVariable(variable_def=vd)
+    v1.add_to_collection(collection, var)
+    if trainable:
+        v1.add_to_collection(v1.GraphKeys.TRAINABLE_VARIABLES, var)
+    # The wrapped function refers to the variable weakly: the graph (which lives as long as
+    # the function) keeps it alive.
+    _GRAPH_VARIABLES.setdefault(graph, []).append(var)
+    return var
+
+
+def _eager_safe(fn: Callable[[], tf.Tensor]) -> Callable[[], tf.Tensor]:
+    """`fn` builds graph ops (import_graph_def); called eagerly, it runs as a one-off
+    wrapped function and returns its value."""
+    def call() -> tf.Tensor:
+        if tf.executing_eagerly():
+            return v1.wrap_function(fn, [])()
+        return fn()
+    return call
+
+
 def _check_graph_mode(what: str) -> tf.Graph:
-    if tf.executing_eagerly() or tf.inside_function():
+    if tf.executing_eagerly():
         raise RuntimeError(
-            f"{what} works in TF1 graph mode only: build it inside "
-            "`with tf.Graph().as_default():` (tf.compat.v1). In TF2 eager code or a "
-            "tf.function, load the module with hubfast.load(handle) (its .signatures) or "
-            "hubfast.KerasLayer instead.")
+            f"{what} needs a graph: build it inside `with tf.Graph().as_default():`, a "
+            "tf.compat.v1.wrap_function or a tf.function; or load the module with "
+            "hubfast.load(handle) (its .signatures) or hubfast.KerasLayer.")
     return v1.get_default_graph()
 
 
@@ -222,27 +278,37 @@ class Module:
                                       "supported")
         needs_init = [vd for vd, is_global in all_vars
                       if not (is_global and vd.variable_name.split(":")[0] in in_ckpt)]
-        initial: Dict[str, tf.Tensor] = {}
+        initial: Dict[str, Callable[[], tf.Tensor]] = {}
         if needs_init:
-            initial = self._import_initial_values(needs_init)
+            initial = self._initial_value_fns(needs_init)
         for vd, is_global in all_vars:
             name = vd.variable_name.split(":")[0]
             node = idx.nodes[name]
             dtype = tf.as_dtype(node.attr["dtype"].type).base_dtype
             shape = tf.TensorShape(node.attr["shape"].shape)
             if name in initial:
-                init_fn: Callable[[], tf.Tensor] = (lambda t=initial[name]: t)
+                init_fn: Callable[[], tf.Tensor] = initial[name]
             else:
                 def init_fn(key=name, dtype=dtype, shape=shape):
                     t = tf.raw_ops.RestoreV2(prefix=ckpt, tensor_names=[key],
                                              shape_and_slices=[""], dtypes=[dtype])[0]
                     t.set_shape(shape)
                     return t
-            var = v1.Variable(
-                initial_value=init_fn, name=name, dtype=dtype, shape=shape, use_resource=True,
-                trainable=self._trainable and name in idx.trainable,
-                collections=[v1.GraphKeys.GLOBAL_VARIABLES if is_global
-                             else v1.GraphKeys.LOCAL_VARIABLES])
+            # Inside a function (tf.function, Defun, wrap_function) the variables live outside
+            # it, created once: in the outer graph, or eagerly (then initialized at once).
+            trainable = self._trainable and name in idx.trainable
+            collection = (v1.GraphKeys.GLOBAL_VARIABLES if is_global
+                          else v1.GraphKeys.LOCAL_VARIABLES)
+            if _is_wrapped_graph():
+                var = _wrapped_graph_variable(name, dtype, shape, init_fn, trainable, collection)
+            else:
+                # Inside tf.function or Defun the variables live outside it, created once: in
+                # the outer graph, or eagerly (then initialized at once).
+                lift = tf.init_scope() if tf.inside_function() else contextlib.nullcontext()
+                with lift:
+                    var = v1.Variable(
+                        initial_value=_eager_safe(init_fn), name=name, dtype=dtype, shape=shape,
+                        use_resource=True, trainable=trainable, collections=[collection])
             self._variable_map[name] = var
             self._state[name + ":0"] = var  # resolved per import (handle or value)
 
@@ -254,23 +320,32 @@ class Module:
             for op in ops:
                 v1.add_to_collection(v1.GraphKeys.TABLE_INITIALIZERS, op)
 
-    def _import_initial_values(self, vds: List[Any]) -> Dict[str, tf.Tensor]:
+    def _initial_value_fns(self, vds: List[Any]) -> Dict[str, Callable[[], tf.Tensor]]:
+        """Per variable, a function that imports its initializer subgraph where it is called:
+        a variable built inside a function (wrap_function, tf.function, Defun) is lifted out
+        of it, and its initial value must be built in the graph it is lifted to."""
         idx = self._index
         names = [vd.initial_value_name for vd in vds]
         if not all(names):
             bad = [vd.variable_name for vd in vds if not vd.initial_value_name]
             raise ValueError(f"the module's checkpoint does not hold variables {bad} and "
                              "their initial values are unknown")
-        try:
-            gd, used = idx.prune(names, [], set(self._state))
-        except ValueError as e:
-            raise NotImplementedError(
-                "hub.Module: an initial value of the module depends on a variable "
-                f"({e}); this is not supported") from e
-        outs = tf.graph_util.import_graph_def(
-            gd, input_map=self._input_map_for(used), return_elements=names,
-            name=self._scope + "initial_values/")
-        return {vd.variable_name.split(":")[0]: t for vd, t in zip(vds, outs)}
+        out: Dict[str, Callable[[], tf.Tensor]] = {}
+        for vd, value_name in zip(vds, names):
+            try:
+                gd, used = idx.prune([value_name], [], set(self._state))
+            except ValueError as e:
+                raise NotImplementedError(
+                    "hub.Module: an initial value of the module depends on a variable "
+                    f"({e}); this is not supported") from e
+            var_name = vd.variable_name.split(":")[0]
+
+            def init_fn(gd=gd, used=used, value_name=value_name, var_name=var_name):
+                return tf.graph_util.import_graph_def(
+                    gd, input_map=self._input_map_for(used), return_elements=[value_name],
+                    name=f"{self._scope}initial_values/{var_name}")[0]
+            out[var_name] = init_fn
+        return out
 
     def _input_map_for(self, used: Set[str]) -> Dict[str, tf.Tensor]:
         """State tensors for the keys an import uses: a variable's handle (resource
@@ -281,6 +356,10 @@ class Module:
             if isinstance(value, tf.Variable):
                 node = self._index.nodes[_op_name(key)]
                 value = value.handle if node.op == "VarHandleOp" else value.value()
+            if value.graph is not v1.get_default_graph():
+                # State lifted out of a function graph (wrap_function, tf.function): an
+                # identity here makes the function capture it; import_graph_def cannot.
+                value = tf.identity(value)
             out[key] = value
         return out
 
@@ -320,7 +399,7 @@ class Module:
             in_names = {t for info in sig.inputs.values() for t in tensor_names(info)}
             out_names = [t for info in sig.outputs.values() for t in tensor_names(info)]
             cut = in_names | set(self._state)
-            updates = self._update_ops_for(in_names, cut) if self._trainable else []
+            updates = self._update_ops_for(cut) if self._trainable else []
             gd, used = self._index.prune(out_names, updates, cut)
             self._apply_cache[signature] = (gd, used, updates)
         gd, used, updates = self._apply_cache[signature]
@@ -354,18 +433,21 @@ class Module:
     def _variable_state_keys(self) -> Set[str]:
         return {k for k, v in self._state.items() if isinstance(v, tf.Variable)}
 
-    def _update_ops_for(self, in_names: Set[str], cut: Set[str]) -> List[str]:
-        """The module's UPDATE_OPS (e.g. batch norm's moving averages) that this signature's
-        inputs feed: they join each application (trainable modules only), and the consumer's
-        UPDATE_OPS collection."""
+    def _update_ops_for(self, cut: Set[str]) -> List[str]:
+        """Every UPDATE_OPS op of the variant (e.g. batch norm's moving averages, a step
+        counter): each joins each application (trainable modules only) and the consumer's
+        UPDATE_OPS collection, whether or not this signature's inputs feed it. Only an op
+        that needs another signature's inputs (a placeholder left unfed) is left out."""
         out = []
         for op in self._index.update_ops:
             try:
                 gd, used = self._index.prune([], [op], cut)
-            except ValueError:
+            except ValueError as e:
+                logger.warning("hub.Module: update op %r of the module is not applied: %s", op, e)
                 continue
-            if not used & in_names or any(n.op in ("Placeholder", "PlaceholderV2")
-                                          for n in gd.node):
+            if any(n.op in ("Placeholder", "PlaceholderV2") for n in gd.node):
+                logger.info("hub.Module: update op %r needs inputs of another signature; "
+                            "it is not part of this application", op)
                 continue
             if any(self._index.nodes[_op_name(k)].op != "VarHandleOp"
                    for k in used if k in self._variable_state_keys()):
