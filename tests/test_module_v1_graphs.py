@@ -110,6 +110,193 @@ def case_tf_function_in_graph(ctx):
             assert sess.run(out) == [11.0, 9.0]
 
 
+def _write_vocab(path, words):
+    with open(path, "w") as f:
+        f.write("\n".join(words) + "\n")
+    return path
+
+
+def _words_fn(vocab):
+    """ids -> words through a vocabulary file (an asset)."""
+    def fn():
+        import tensorflow as tf
+
+        from hubfast.module_v1 import add_signature
+
+        ids = tf.compat.v1.placeholder(tf.int64, [None], name="ids")
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(vocab, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER,
+                                          tf.string, tf.lookup.TextFileIndex.WHOLE_LINE), "?")
+        tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS,
+                                       tf.constant(vocab, name="vocab_path"))
+        add_signature(inputs=ids, outputs=table.lookup(ids))
+    return fn
+
+
+@CASES.case
+def case_assets_restored_and_inner_module_assets(ctx):
+    """A loaded module's asset paths join the graph's ASSET_FILEPATHS (pointing into the
+    module), so a module built around it exports the inner module's vocabulary too: it serves
+    after the vocabulary and the inner module are gone."""
+    tf, _, _ = ctx.imports()
+    import os
+    import shutil
+
+    from hubfast.module_v1 import Module, add_signature, create_module_spec
+
+    v1 = tf.compat.v1
+    work = ctx.tmp("assets")
+    vocab = _write_vocab(str(work / "colours.txt"), ["red", "green", "blue"])
+    inner = str(work / "inner")
+    with tf.Graph().as_default():
+        m = Module(create_module_spec(_words_fn(vocab)))
+        with v1.Session() as sess:
+            m.export(inner, sess)
+    os.remove(vocab)
+    inner_vocab = os.path.join(inner, "assets", "colours.txt")
+    with tf.Graph().as_default():
+        out = Module(inner)(tf.constant([2, 0], tf.int64))
+        paths = v1.get_collection(v1.GraphKeys.ASSET_FILEPATHS)
+        with v1.Session() as sess:
+            sess.run(v1.tables_initializer())
+            assert list(sess.run(out)) == [b"blue", b"red"]
+            assert paths and {sess.run(p) for p in paths} == {inner_vocab.encode()}, paths
+
+    def outer_fn():
+        ids = v1.placeholder(tf.int64, [None], name="ids")
+        add_signature(inputs=ids, outputs=tf.strings.upper(Module(inner)(ids)))
+
+    outer = str(work / "outer")
+    with tf.Graph().as_default():
+        m = Module(create_module_spec(outer_fn))
+        with v1.Session() as sess:
+            m.export(outer, sess)
+    shutil.rmtree(inner)
+    assert os.listdir(os.path.join(outer, "assets")) == ["colours.txt"]
+    with tf.Graph().as_default():
+        out = Module(outer)(tf.constant([1], tf.int64))
+        with v1.Session() as sess:
+            sess.run(v1.tables_initializer())
+            assert list(sess.run(out)) == [b"GREEN"]
+
+
+@CASES.case
+def case_attached_messages(ctx):
+    """attach_message in module_fn: per graph variant, the last message for a key wins, it
+    survives export and load, and each read is a fresh copy."""
+    tf, _, _ = ctx.imports()
+    import hubfast as hub
+
+    v1 = tf.compat.v1
+    Int64List = tf.train.Int64List
+
+    def fn(level=0):
+        x = v1.placeholder(tf.float32, [None])
+        hub.add_signature(inputs=x, outputs=x * 2.0)
+        hub.attach_message("level", Int64List(value=[-1]))
+        hub.attach_message("level", Int64List(value=[level, 7]))
+        hub.attach_message("name", tf.train.BytesList(value=[b"doubler"]))
+
+    spec = hub.create_module_spec(fn, [(set(), {"level": 1}), ({"train"}, {"level": 2})])
+    assert list(spec.get_attached_message("level", Int64List).value) == [1, 7]
+    got = spec.get_attached_message("level", Int64List, tags={"train"})
+    assert list(got.value) == [2, 7]
+    got.Clear()
+    assert list(spec.get_attached_message("level", Int64List, tags={"train"}).value) == [2, 7]
+    assert spec.get_attached_message("absent", Int64List) is None
+    try:
+        spec.get_attached_message("absent", Int64List, required=True)
+        raise AssertionError("no KeyError")
+    except KeyError:
+        pass
+    path = str(ctx.tmp("attached") / "m")
+    with tf.Graph().as_default():
+        m = hub.Module(spec, tags={"train"})
+        assert list(m.get_attached_message("level", Int64List).value) == [2, 7]
+        with v1.Session() as sess:
+            m.export(path, sess)
+    loaded = hub.load_module_spec(path)
+    assert list(loaded.get_attached_message("name", tf.train.BytesList).value) == [b"doubler"]
+
+
+@CASES.case
+def case_value_errors(ctx):
+    """Bad modules and bad exports raise ValueError: a signature of an unsupported type, a
+    collection hub.Module cannot restore (unless dropped), a module that requires an unknown
+    feature, and spec.export from a checkpoint that lacks a variable or has another shape."""
+    tf, _, _ = ctx.imports()
+    import os
+
+    import hubfast as hub
+
+    v1 = tf.compat.v1
+
+    def raises(fn, text):
+        try:
+            fn()
+        except ValueError as e:
+            assert text in str(e), (text, str(e))
+        else:
+            raise AssertionError(f"no ValueError ({text})")
+
+    def slices_fn():
+        v = v1.placeholder(tf.float32, [None])
+        hub.add_signature(inputs=v, outputs=tf.IndexedSlices(v, tf.constant([0])))
+
+    raises(lambda: hub.create_module_spec(slices_fn), "should have one of the types")
+    raises(lambda: hub.create_module_spec(lambda: None), "No signatures present")
+
+    def summaries_fn():
+        x = v1.placeholder(tf.float32, [])
+        v1.add_to_collection("my_notes", tf.constant(1.0))
+        hub.add_signature(inputs=x, outputs=x + 1.0)
+
+    raises(lambda: hub.create_module_spec(summaries_fn), "my_notes")
+    spec = hub.create_module_spec(summaries_fn, drop_collections=["my_notes"])
+    assert spec.get_signature_names() == ["default"]
+
+    needs = str(ctx.tmp("features") / "m")
+    os.makedirs(needs)
+    with open(os.path.join(needs, "tfhub_module.pb"), "wb") as f:
+        f.write(b"\x08\x03" + b"\x12\x0ctime-travel!")  # format 3, a required feature
+    raises(lambda: hub.load_module_spec(needs), "time-travel!")
+
+    def dense_fn(units=3):
+        x = v1.placeholder(tf.float32, [None, 2])
+        w = v1.get_variable("w", [2, units])
+        hub.add_signature(inputs=x, outputs=tf.matmul(x, w))
+
+    ckpt = str(ctx.tmp("ckpt") / "model")
+    with tf.Graph().as_default():
+        with v1.variable_scope("net"):
+            v1.get_variable("w", [2, 3])
+        with v1.Session() as sess:
+            sess.run(v1.global_variables_initializer())
+            v1.train.Saver().save(sess, ckpt)
+    out = ctx.tmp("exports")
+    raises(lambda: hub.create_module_spec(dense_fn).export(str(out / "a"), checkpoint_path=ckpt),
+           "w is not found in")
+    raises(lambda: hub.create_module_spec(dense_fn, [(set(), {"units": 4})]).export(
+        str(out / "b"), checkpoint_path=ckpt, name_transform_fn=lambda n: "net/" + n),
+        "doesn't match with shape of")
+    hub.create_module_spec(dense_fn).export(str(out / "c"), checkpoint_path=ckpt,
+                                            name_transform_fn=lambda n: "net/" + n)
+    assert sorted(os.listdir(out)) == ["c"], os.listdir(out)
+
+
+@CASES.case
+def case_eval_function_without_inputs(ctx):
+    """eval_function_for_module calls a signature that takes no inputs."""
+    tf, _, _ = ctx.imports()
+    import hubfast as hub
+
+    def fn():
+        hub.add_signature(outputs=tf.constant([4.0, 2.0]) * 2.0)
+
+    with hub.eval_function_for_module(hub.create_module_spec(fn)) as f:
+        assert list(f()) == [8.0, 4.0]
+
+
 # ---------------------------------------------------------------------------
 # pytest side
 # ---------------------------------------------------------------------------

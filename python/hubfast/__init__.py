@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load", "resolve", "prefetch", "Prefetch", "install", "KerasLayer", "Module", "ModuleSpec",
-    "create_module_spec", "add_signature", "load_module_spec", "eval_function_for_module",
+    "create_module_spec", "add_signature", "attach_message", "load_module_spec", "eval_function_for_module",
     "LatestModuleExporter", "register_resolver", "unregister_resolver", "Resolver", "last_stats", "errors",
     "HubfastError", "NotFoundError", "NetworkError", "HTTPStatusError", "IntegrityError",
     "UnsafeArchiveError", "ArchiveLimitError", "DiskFullError", "AccessDeniedError",
@@ -35,6 +35,7 @@ _LAZY = {
     "ModuleSpec": (".module_v1", "ModuleSpec"),
     "create_module_spec": (".module_v1", "create_module_spec"),
     "add_signature": (".module_v1", "add_signature"),
+    "attach_message": (".module_v1", "attach_message"),
     "load_module_spec": (".module_v1", "load_module_spec"),
     "eval_function_for_module": (".module_v1", "eval_function_for_module"),
     "LatestModuleExporter": (".module_v1", "LatestModuleExporter"),

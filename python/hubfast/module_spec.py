@@ -17,7 +17,8 @@ import os
 import shutil
 import threading
 import uuid
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
 import tensorflow as tf
 from tensorflow.core.framework import variable_pb2
@@ -25,8 +26,8 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 logger = logging.getLogger("hubfast")
 
-__all__ = ["ModuleSpec", "ParsedTensorInfo", "add_signature", "create_module_spec",
-           "load_module_spec"]
+__all__ = ["ModuleSpec", "ParsedTensorInfo", "add_signature", "attach_message",
+           "create_module_spec", "load_module_spec"]
 
 v1 = tf.compat.v1
 
@@ -38,6 +39,20 @@ _FORMAT_V3 = 3
 # Collections never copied into a spec's graphs (a Saver object cannot be serialised,
 # and the spec carries its own saver_def).
 _ALWAYS_DROPPED = ("savers",)
+
+#: Where ModuleAttachment protos (attach_message) are kept in a graph variant, as in
+#: tensorflow_hub's modules.
+ATTACHMENTS_COLLECTION = "hub_module_attachments"
+
+#: The graph collections a module keeps and hub.Module restores; create_module_spec rejects
+#: any other (drop_collections= leaves them out).
+SUPPORTED_COLLECTIONS = frozenset([
+    v1.GraphKeys.GLOBAL_VARIABLES, v1.GraphKeys.LOCAL_VARIABLES,
+    v1.GraphKeys.TRAINABLE_VARIABLES, v1.GraphKeys.MODEL_VARIABLES,
+    v1.GraphKeys.TABLE_INITIALIZERS, v1.GraphKeys.UPDATE_OPS,
+    v1.GraphKeys.REGULARIZATION_LOSSES, v1.GraphKeys.ASSET_FILEPATHS,
+    v1.GraphKeys.COND_CONTEXT, v1.GraphKeys.WHILE_CONTEXT, ATTACHMENTS_COLLECTION,
+])
 
 TensorOrDict = Union[tf.Tensor, tf.SparseTensor, Mapping[str, Any], None]
 
@@ -176,6 +191,25 @@ class ModuleSpec:
                              tags: Optional[Iterable[str]] = None) -> Dict[str, ParsedTensorInfo]:
         return _parse_info_map(self._signature_def(signature, tags).outputs)
 
+    def get_attached_message(self, key: str, message_type: Any, tags: Optional[Iterable[str]] = None,
+                             required: bool = False) -> Any:
+        """The message that ``module_fn`` attached under `key` (:func:`attach_message`) in the
+        graph variant `tags`, parsed as `message_type`; None (or KeyError if `required`)
+        when there is none."""
+        col = self.variant(tags).meta_graph.collection_def.get(ATTACHMENTS_COLLECTION)
+        found = None
+        for raw in (col.bytes_list.value if col is not None else []):
+            fields = dict(_proto_fields(raw))
+            if fields.get(1, b"").decode("utf-8") == key:
+                found = fields.get(2, b"")
+        if found is None:
+            if required:
+                raise KeyError(f"the module has no attached message {key!r}")
+            return None
+        message = message_type()
+        message.ParseFromString(found)
+        return message
+
     # Export ---------------------------------------------------------------------------------
 
     def export(self, path: Union[str, "os.PathLike[str]"], _sentinel: Any = None,
@@ -200,9 +234,30 @@ class ModuleSpec:
                 raise ValueError("this spec has no checkpoint: pass checkpoint_path=, or "
                                  "use Module(spec).export(path, session)")
             reader = tf.train.load_checkpoint(checkpoint_path)
+            shapes = reader.get_variable_to_shape_map()
+            want = {vd.variable_name.split(":")[0]: vd for v in self._variants
+                    for vd in v.variable_defs()}
             for n in names:
-                values[n] = reader.get_tensor(name_transform_fn(n) if name_transform_fn else n)
+                key = name_transform_fn(n) if name_transform_fn else n
+                if key not in shapes:
+                    raise ValueError(f"cannot export: the module's variable {n!r} is read "
+                                     f"from {key}, but {key} is not found in "
+                                     f"{checkpoint_path}")
+                shape = self._variable_shape(n)
+                if shape is not None and not shape.is_compatible_with(shapes[key]):
+                    raise ValueError(f"cannot export: the shape {shapes[key]} of {key} in "
+                                     f"{checkpoint_path} doesn't match with shape of "
+                                     f"the module's variable {n!r}: {shape}")
+                values[n] = reader.get_tensor(key)
         write_module(self._variants, path, values)
+
+
+    def _variable_shape(self, name: str) -> Optional[tf.TensorShape]:
+        for v in self._variants:
+            for node in v.meta_graph.graph_def.node:
+                if node.name == name and "shape" in node.attr:
+                    return tf.TensorShape(node.attr["shape"].shape)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +271,42 @@ class _SignatureCollector:
     def __init__(self, graph: tf.Graph) -> None:
         self.graph = graph
         self.signatures: Dict[str, meta_graph_pb2.SignatureDef] = {}
+        self.attachments: Dict[str, bytes] = {}
+
+
+def _collector(what: str) -> _SignatureCollector:
+    stack = getattr(_local, "stack", None)
+    if not stack:
+        raise RuntimeError(f"{what}() must be called by the module_fn passed to "
+                           "create_module_spec()")
+    collector = stack[-1]
+    if v1.get_default_graph() is not collector.graph:
+        raise RuntimeError(f"{what}() was called outside the graph of module_fn")
+    return collector
+
+
+def _encode_attachment(key: str, value: bytes) -> bytes:
+    """ModuleAttachment{string key = 1; bytes value = 2} (tensorflow_hub's wire format)."""
+    def field(num: int, payload: bytes) -> bytes:
+        n, length = len(payload), b""
+        while True:
+            b = n & 0x7F
+            n >>= 7
+            length += bytes([b | 0x80 if n else b])
+            if not n:
+                break
+        return bytes([num << 3 | 2]) + length + payload
+    return field(1, key.encode("utf-8")) + field(2, value)
+
+
+def attach_message(key: str, message: Any) -> None:
+    """Attaches a protocol message to the module being defined (call it inside ``module_fn``);
+    read it back with ``ModuleSpec.get_attached_message``. A later call with the same key
+    replaces the message."""
+    collector = _collector("attach_message")
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"attach_message: the key must be a non-empty string, got {key!r}")
+    collector.attachments[key] = message.SerializeToString()
 
 
 def _as_dict(value: TensorOrDict, what: str) -> Dict[str, Any]:
@@ -223,10 +314,7 @@ def _as_dict(value: TensorOrDict, what: str) -> Dict[str, Any]:
         return {}
     if isinstance(value, Mapping):
         return dict(value)
-    if isinstance(value, (tf.Tensor, tf.SparseTensor)):
-        return {"default": value}
-    raise TypeError(f"add_signature: {what} must be a Tensor, a SparseTensor or a dict of "
-                    f"them, not {type(value).__name__}")
+    return {"default": value}
 
 
 def _build_infos(d: Dict[str, Any], what: str, graph: tf.Graph
@@ -236,8 +324,8 @@ def _build_infos(d: Dict[str, Any], what: str, graph: tf.Graph
         if not isinstance(key, str) or not key:
             raise ValueError(f"add_signature: {what} keys must be non-empty strings, got {key!r}")
         if not isinstance(t, (tf.Tensor, tf.SparseTensor)):
-            raise TypeError(f"add_signature: {what}[{key!r}] is a {type(t).__name__}, "
-                            "not a Tensor or SparseTensor")
+            raise ValueError(f"add_signature: {what}[{key!r}] is a {type(t).__name__}; it "
+                             "should have one of the types Tensor, SparseTensor")
         if t.graph is not graph:
             raise ValueError(f"add_signature: {what}[{key!r}] is not in the graph of module_fn")
         if isinstance(t, tf.Tensor) and t.dtype._is_ref_dtype:  # pylint: disable=protected-access
@@ -256,13 +344,7 @@ def add_signature(name: Optional[str] = None, inputs: TensorOrDict = None,
         that callers will feed.
       outputs: a Tensor (key ``"default"``) or a dict of Tensors the signature returns.
     """
-    stack = getattr(_local, "stack", None)
-    if not stack:
-        raise RuntimeError("add_signature() must be called by the module_fn passed to "
-                           "create_module_spec()")
-    collector = stack[-1]
-    if v1.get_default_graph() is not collector.graph:
-        raise RuntimeError("add_signature() was called outside the graph of module_fn")
+    collector = _collector("add_signature")
     name = name or "default"
     if name in collector.signatures:
         raise ValueError(f"signature {name!r} was added twice")
@@ -308,13 +390,23 @@ def create_module_spec(module_fn: Callable[..., Any],
             finally:
                 stack.pop()
             if not collector.signatures:
-                raise ValueError("module_fn added no signature: call add_signature() in it")
+                raise ValueError("No signatures present: module_fn added no signature; call "
+                                 "add_signature() in it")
             saver_def = None
             if v1.global_variables() or v1.get_collection(v1.GraphKeys.SAVEABLE_OBJECTS):
                 saver_def = v1.train.Saver(sharded=True, allow_empty=True).as_saver_def()
             keys = [k for k in graph.get_all_collection_keys() if k not in drop]
             meta_graph = v1.train.export_meta_graph(graph=graph, saver_def=saver_def,
                                                     collection_list=keys, clear_devices=True)
+        unsupported = sorted(set(meta_graph.collection_def) - SUPPORTED_COLLECTIONS)
+        if unsupported:
+            raise ValueError(f"Unsupported collections in graph: {unsupported}. A module "
+                             "keeps only the collections it knows how to restore; pass "
+                             f"create_module_spec(..., drop_collections={unsupported}) to "
+                             "leave them out")
+        if collector.attachments:
+            meta_graph.collection_def[ATTACHMENTS_COLLECTION].bytes_list.value.extend(
+                _encode_attachment(k, v) for k, v in sorted(collector.attachments.items()))
         for key, sig in collector.signatures.items():
             meta_graph.signature_def[key].CopyFrom(sig)
         del meta_graph.meta_info_def.tags[:]
@@ -328,26 +420,56 @@ def create_module_spec(module_fn: Callable[..., Any],
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_module_def(data: bytes, where: str) -> None:
-    """Parses ModuleDef{format = 1 (varint)} by hand; only FORMAT_V3 is supported."""
-    fmt, i = 0, 0
+def _varint(data: bytes, i: int) -> Tuple[int, int]:
+    shift, value = 0, 0
     while i < len(data):
-        tag = data[i]
+        b = data[i]
         i += 1
-        if tag != 0x08:
-            break  # unknown field: stop, the format is what matters
-        shift, value = 0, 0
-        while i < len(data):
-            b = data[i]
-            i += 1
-            value |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
-        fmt = value
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+    raise ValueError("truncated varint")
+
+
+def _proto_fields(data: bytes) -> Iterator[Tuple[int, Union[int, bytes]]]:
+    """(field number, value) of a serialized proto with varint and length-delimited fields
+    only (ModuleDef, ModuleAttachment: too small to need generated classes)."""
+    i = 0
+    while i < len(data):
+        key, i = _varint(data, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(data, i)
+            yield field, value
+        elif wire == 2:
+            n, i = _varint(data, i)
+            if i + n > len(data):
+                raise ValueError("truncated field")
+            yield field, data[i:i + n]
+            i += n
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+
+
+def _check_module_def(data: bytes, where: str) -> None:
+    """ModuleDef{format = 1; repeated string required_features = 2}: only FORMAT_V3, and
+    no required feature (FORMAT_V3 defines none yet), can be read."""
+    fmt, required = 0, []
+    try:
+        for field, value in _proto_fields(data):
+            if field == 1 and isinstance(value, int):
+                fmt = value
+            elif field == 2 and isinstance(value, bytes):
+                required.append(value.decode("utf-8", "replace"))
+    except ValueError as e:
+        raise ValueError(f"{where}: {MODULE_DEF_FILENAME} does not parse ({e})") from None
     if fmt != _FORMAT_V3:
         raise ValueError(f"{where}: unsupported TF1 Hub module format {fmt} "
                          f"(expected {_FORMAT_V3})")
+    if required:
+        raise ValueError(f"{where}: the module requires features this reader does not "
+                         f"support: {sorted(required)}")
 
 
 def _patch_assets(meta_graph: meta_graph_pb2.MetaGraphDef, assets_dir: str) -> None:

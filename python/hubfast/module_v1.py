@@ -37,12 +37,13 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 from tensorflow.python.framework import op_def_registry
 
-from .module_spec import (ModuleSpec, ParsedTensorInfo, Variant, add_signature,
+from .module_spec import (ModuleSpec, ParsedTensorInfo, Variant, add_signature, attach_message,
                           create_module_spec, load_module_spec, tensor_names, write_module)
 
 logger = logging.getLogger("hubfast")
 
 __all__ = ["Module", "ModuleSpec", "ParsedTensorInfo", "LatestModuleExporter", "add_signature",
+           "attach_message",
            "create_module_spec", "load_module_spec", "eval_function_for_module"]
 
 v1 = tf.compat.v1
@@ -88,6 +89,11 @@ class _GraphIndex:
         self.table_initializers = variant.node_list(v1.GraphKeys.TABLE_INITIALIZERS)
         self.regularization_losses = variant.node_list(v1.GraphKeys.REGULARIZATION_LOSSES)
         self.update_ops = [_op_name(n) for n in variant.node_list(v1.GraphKeys.UPDATE_OPS)]
+        # The asset filename constants (absolute paths once loaded), re-collected in the
+        # consumer's graph: a module or SavedModel exported from there copies the files.
+        self.asset_paths = [_canonical(n)
+                            for n in variant.node_list(v1.GraphKeys.ASSET_FILEPATHS)
+                            if _op_name(n) in self.nodes]
 
     @classmethod
     def of(cls, variant: Variant) -> "_GraphIndex":
@@ -312,13 +318,17 @@ class Module:
             self._variable_map[name] = var
             self._state[name + ":0"] = var  # resolved per import (handle or value)
 
-        if idx.table_initializers:
-            gd, used = idx.prune([], idx.table_initializers, set(self._state))
-            ops = tf.graph_util.import_graph_def(
+        if idx.table_initializers or idx.asset_paths:
+            gd, used = idx.prune(idx.asset_paths, idx.table_initializers, set(self._state))
+            got = tf.graph_util.import_graph_def(
                 gd, input_map=self._input_map_for(used),
-                return_elements=idx.table_initializers, name=self._scope + "init_tables/")
-            for op in ops:
+                return_elements=idx.table_initializers + idx.asset_paths,
+                name=self._scope + "init_tables/")
+            n = len(idx.table_initializers)
+            for op in got[:n]:
                 v1.add_to_collection(v1.GraphKeys.TABLE_INITIALIZERS, op)
+            for t in got[n:]:
+                v1.add_to_collection(v1.GraphKeys.ASSET_FILEPATHS, t)
 
     def _initial_value_fns(self, vds: List[Any]) -> Dict[str, Callable[[], tf.Tensor]]:
         """Per variable, a function that imports its initializer subgraph where it is called:
@@ -400,7 +410,7 @@ class Module:
             out_names = [t for info in sig.outputs.values() for t in tensor_names(info)]
             cut = in_names | set(self._state)
             updates = self._update_ops_for(cut) if self._trainable else []
-            gd, used = self._index.prune(out_names, updates, cut)
+            gd, used = self._index.prune(out_names + self._index.asset_paths, updates, cut)
             self._apply_cache[signature] = (gd, used, updates)
         gd, used, updates = self._apply_cache[signature]
         scope = graph.unique_name(f"{self._name}_apply_{signature}") + "/"
@@ -416,9 +426,13 @@ class Module:
             input_map.update({k: v for k, v in feeds.items() if k in used})
             fetch = [t for info in sig.outputs.values() for t in tensor_names(info)
                      if t not in feeds and t not in self._state]
+            assets = self._index.asset_paths
             results = tf.graph_util.import_graph_def(
-                gd, input_map=input_map, return_elements=fetch + updates, name=scope
-            ) if fetch or updates else []
+                gd, input_map=input_map, return_elements=fetch + updates + assets, name=scope
+            ) if fetch or updates or assets else []
+        for t in results[len(fetch) + len(updates):]:
+            v1.add_to_collection(v1.GraphKeys.ASSET_FILEPATHS, t)
+        results = results[:len(fetch) + len(updates)]
         for op in results[len(fetch):]:
             v1.add_to_collection(v1.GraphKeys.UPDATE_OPS, op)
         got = dict(zip(fetch, results[:len(fetch)]))
@@ -467,6 +481,12 @@ class Module:
 
     def get_output_info_dict(self, signature: Optional[str] = None) -> Dict[str, ParsedTensorInfo]:
         return self._spec.get_output_info_dict(signature, self._tags)
+
+    def get_attached_message(self, key: str, message_type: Any, required: bool = False) -> Any:
+        """The message attached under `key` to this module's graph variant (see
+        :func:`attach_message`)."""
+        return self._spec.get_attached_message(key, message_type, tags=self._tags,
+                                               required=required)
 
     @property
     def variable_map(self) -> Dict[str, tf.Variable]:
@@ -565,7 +585,9 @@ def eval_function_for_module(spec: Union[ModuleSpec, str], tags: Optional[Any] =
                     raise KeyError(f"signature {signature!r} is missing; the module has "
                                    f"{sorted(feeds)}")
                 ph = feeds[signature]
-                if not isinstance(inputs, Mapping):
+                if inputs is None:
+                    inputs = {}
+                elif not isinstance(inputs, Mapping):
                     if len(ph) != 1:
                         raise TypeError(f"signature {signature!r} has several inputs: pass a dict")
                     inputs = {next(iter(ph)): inputs}
