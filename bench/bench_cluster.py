@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128, help="MiB of model (default 128)")
     p.add_argument("--rate", type=float, default=20e6,
                    help="each link's cap in bytes/s, both directions (default 20e6)")
-    p.add_argument("--modes", default="direct,proxy")
+    p.add_argument("--modes", default="direct,proxy,swarm")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON document")
     args = p.parse_args()
     rows = run(args.hosts, args.size << 20, args.rate, args.modes.split(","))

@@ -20,6 +20,8 @@ import tarfile
 import termios
 import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -135,11 +137,11 @@ def test_help_on_every_verb_and_usage_errors(tmp_path):
     p = hf("--help")
     assert p.returncode == 0 and "fetch" in p.stdout and "prune" in p.stdout
     assert "Exit codes" in p.stdout
-    for verb in ("fetch", "ls", "verify", "rm", "prune", "pack", "serve"):
+    for verb in ("fetch", "ls", "verify", "rm", "prune", "pack", "serve", "torrent"):
         p = hf(verb, "--help")
         assert p.returncode == 0, (verb, p.stderr)
         assert f"usage: hubfast {verb}" in p.stdout
-        if verb not in ("pack", "serve"):
+        if verb not in ("pack", "serve", "torrent"):
             assert "--cache-dir" in p.stdout and "--json" in p.stdout
     assert hf().returncode == 2  # no verb
     assert hf("frobnicate").returncode == 2
@@ -844,6 +846,42 @@ def test_serve_computes_digests_before_the_first_request(tmp_path):
         assert took < 0.25, f"headers after {took:.3f} s"
     finally:
         _stop(srv)
+
+
+def test_serve_publishes_a_torrent_and_torrent_writes_the_same(archives, tmp_path):
+    if not _core.have_swarm():
+        pytest.skip("this build has no swarm support")
+    archive = tmp_path / "m.tar.gz"
+    archive.write_bytes(Path(archives["gz"]).read_bytes())
+    srv = _serve(str(archive), "--path", "/org/m/1", "--tracker", "http://tracker.test/announce")
+    try:
+        doc = _served(srv)
+        url = doc["handles"][0]["url"].replace("/org/m/1", "/org/m/1.torrent")
+        deadline = time.time() + 30
+        while True:  # computed in the background: 404 until then
+            try:
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    served = r.read()
+                break
+            except urllib.error.HTTPError as e:
+                assert e.code == 404 and time.time() < deadline
+                time.sleep(0.1)
+    finally:
+        _stop(srv)
+    t = _core.parse_torrent(served)
+    web_seed = doc["handles"][0]["url"] + "?tf-hub-format=compressed"
+    assert web_seed.encode() in served and b"http://tracker.test/announce" in served
+    # The same archive, the same info-hashes (the web seed is outside the info dict).
+    p = hf("torrent", str(archive), "--web-seed", "http://elsewhere/m.tar.gz", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["path"] == str(archive) + ".torrent"
+    assert (out["info_hash_v1"], out["info_hash_v2"]) == (t["info_hash_v1"], t["info_hash_v2"])
+    assert len(out["info_hash_v2"]) == 64  # hybrid: SHA-256 merkle trees
+    assert _core.parse_torrent((tmp_path / "m.tar.gz.torrent").read_bytes())["info_hash_v1"] \
+        == t["info_hash_v1"]
+    p = hf("torrent", str(tmp_path / "missing.tar.gz"), "--web-seed", "http://x/")
+    assert p.returncode == 3 and "missing.tar.gz" in p.stderr
 
 
 def test_serve_an_archive_a_model_dir_and_a_mirror_dir(archives, model_dir, tmp_path):

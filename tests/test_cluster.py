@@ -76,3 +76,42 @@ def test_links_are_capped_and_private(cluster):
     assert routes.strip() == ""
     p = h.run(["ip", "route", "get", "1.1.1.1"], capture_output=True, text=True)
     assert p.returncode != 0  # unreachable: no route leaves the namespace
+
+
+def _require_swarm() -> None:
+    import shutil
+
+    from hubfast import _core
+
+    if not _core.have_swarm():
+        _require("this build has no swarm support (libtorrent-rasterbar-dev)")
+    if shutil.which("opentracker") is None:
+        _require("opentracker is not installed (apt-get install opentracker)")
+
+
+def test_swarm_row(cluster):
+    """Swarm mode: every host gets the published torrent, pieces come from peers as well as
+    from the web seed (the origin sends less than a copy per host), and every tree is
+    byte-identical."""
+    _require_swarm()
+    size = cluster.archive.stat().st_size
+    before = cluster.origin_stats()["torrent_gets"]
+    swarm = cluster.swarm_row()
+    assert swarm["identical"], swarm
+    assert cluster.origin_stats()["torrent_gets"] - before == HOSTS + 1  # each host asked
+    assert size <= swarm["origin_bytes"] <= 0.9 * HOSTS * size, swarm
+
+
+def test_swarm_tracker_down_falls_back_to_web_seed(cluster):
+    """No tracker answers: each host downloads the torrent's pieces from the web seed (the
+    origin's archive URL), verified as in a swarm, and ends up with the same tree."""
+    _require_swarm()
+    size = cluster.archive.stat().st_size
+    hosts = cluster.clients[:2]
+    sent0 = cluster.origin_stats()
+    env = {"HUBFAST_SWARM": f"http://{cluster.origin.ip}:9/announce"}  # nothing listens
+    results = cluster.resolve_all(hosts, lambda h: dict(env, HUBFAST_SWARM_INTERFACE=h.ip))
+    sent1 = cluster.origin_stats()
+    assert all(r["fingerprint"] == cluster.want for r in results)
+    assert sent1["torrent_gets"] - sent0["torrent_gets"] == len(hosts)
+    assert sent1["body_bytes"] - sent0["body_bytes"] >= len(hosts) * size

@@ -14,6 +14,7 @@
 #include "hubfast/fetch.h"
 #include "hubfast/lock.h"
 #include "hubfast/pipeline.h"
+#include "hubfast/swarm.h"
 
 namespace py = pybind11;
 using namespace hubfast;
@@ -123,7 +124,49 @@ ExtractOptions extract_options(const py::dict& limits, const std::string& sha256
   return o;
 }
 
-SourceFactory source_factory(const std::string& path, const std::string& url, const py::dict& fetch) {
+SwarmOptions swarm_options(const py::dict& d) {
+  static const char* known[] = {"torrent", "trackers", "web_seeds", "save_dir", "interface",
+                                "listen_port", "dht", "lsd", "upnp", "natpmp",
+                                "require_encryption", "urlseed_max_request_bytes",
+                                "upload_rate_limit", "stall_timeout"};
+  for (auto item : d) {
+    std::string k = py::str(item.first);
+    if (std::find(std::begin(known), std::end(known), k) == std::end(known))
+      throw Error(ErrorKind::kInvalid, "unknown swarm option '" + k + "'");
+  }
+  SwarmOptions o;
+  if (d.contains("torrent")) o.torrent = d["torrent"].cast<py::bytes>();
+  maybe(d, "trackers", &o.trackers);
+  maybe(d, "web_seeds", &o.web_seeds);
+  maybe(d, "save_dir", &o.save_dir);
+  maybe(d, "interface", &o.interface);
+  maybe(d, "listen_port", &o.listen_port);
+  maybe(d, "dht", &o.dht);
+  maybe(d, "lsd", &o.lsd);
+  maybe(d, "upnp", &o.upnp);
+  maybe(d, "natpmp", &o.natpmp);
+  maybe(d, "require_encryption", &o.require_encryption);
+  maybe(d, "urlseed_max_request_bytes", &o.urlseed_max_request_bytes);
+  maybe(d, "upload_rate_limit", &o.upload_rate_limit);
+  maybe(d, "stall_timeout", &o.stall_timeout);
+  return o;
+}
+
+py::dict torrent_dict(const Torrent& t) {
+  py::dict d;
+  d["data"] = py::bytes(t.data);
+  d["info_hash_v1"] = t.info_hash_v1;
+  d["info_hash_v2"] = t.info_hash_v2;
+  d["piece_bytes"] = t.piece_bytes;
+  return d;
+}
+
+SourceFactory source_factory(const std::string& path, const std::string& url, const py::dict& fetch,
+                             const py::dict& swarm = py::dict()) {
+  if (!swarm.empty()) {
+    SwarmOptions so = swarm_options(swarm);
+    return [so] { return make_swarm_source(so); };
+  }
   if (!url.empty()) {
     FetchOptions fo = fetch_options(url, fetch);
     return [fo] { return make_http_source(fo); };
@@ -208,7 +251,7 @@ PYBIND11_MODULE(_core, m) {
       [](const std::string& root, const std::string& name, const std::string& handle,
          const std::string& path, const std::string& url, py::dict fetch, const std::string& sha256,
          py::dict limits, double lock_timeout, bool fsync, const std::string& lock_mode,
-         double heartbeat_stale, double tfhub_stale, py::object progress) {
+         double heartbeat_stale, double tfhub_stale, py::object progress, py::dict swarm) {
         EntryRequest req;
         req.root = root;
         req.name = name;
@@ -220,7 +263,7 @@ PYBIND11_MODULE(_core, m) {
         req.heartbeat.beat = std::min(0.25, heartbeat_stale / 4);
         req.tfhub_stale = tfhub_stale;
         req.extract = extract_options(limits, sha256, true);
-        SourceFactory make = source_factory(path, url, fetch);
+        SourceFactory make = source_factory(path, url, fetch, swarm);
         EntryResult r = run_released(progress, [&](const PollFn& poll) { return ensure_entry(req, make, poll); });
         py::dict d;
         d["path"] = r.path;
@@ -235,8 +278,28 @@ PYBIND11_MODULE(_core, m) {
       py::arg("url") = "", py::arg("fetch") = py::dict(), py::arg("sha256") = "",
       py::arg("limits") = py::dict(), py::arg("lock_timeout") = -1.0, py::arg("fsync") = false,
       py::arg("lock_mode") = "auto", py::arg("heartbeat_stale") = 1.5, py::arg("tfhub_stale") = 600.0,
-      py::arg("progress") = py::none(),
-      "Returns the cache entry <root>/<name>, extracting it first when needed.");
+      py::arg("progress") = py::none(), py::arg("swarm") = py::dict(),
+      "Returns the cache entry <root>/<name>, extracting it first when needed; swarm= (options "
+      "with a torrent) downloads it from a BitTorrent swarm instead of url=.");
+
+  m.def("have_swarm", &have_swarm, "Whether this build can download from BitTorrent swarms.");
+  m.def(
+      "make_torrent",
+      [](const std::string& path, const std::vector<std::string>& web_seeds,
+         const std::vector<std::string>& trackers, int piece_bytes) {
+        Torrent t;
+        {
+          py::gil_scoped_release nogil;
+          t = make_torrent(path, web_seeds, trackers, piece_bytes);
+        }
+        return torrent_dict(t);
+      },
+      py::arg("path"), py::kw_only(), py::arg("web_seeds") = std::vector<std::string>(),
+      py::arg("trackers") = std::vector<std::string>(), py::arg("piece_bytes") = 0,
+      "A hybrid (v1+v2) torrent of one file: {data, info_hash_v1, info_hash_v2, piece_bytes}.");
+  m.def(
+      "parse_torrent", [](py::bytes data) { return torrent_dict(parse_torrent(std::string(data))); },
+      py::arg("data"), "Checks a .torrent: {data, info_hash_v1, info_hash_v2, piece_bytes}.");
 
   m.def(
       "lookup_entry",

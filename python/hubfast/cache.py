@@ -147,12 +147,34 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
     limits = {"max_total_bytes": s.max_extract_bytes, "max_members": s.max_members,
               "decode_threads": s.decode_threads}
     bar = progress.make_progress(_short(handle), s.show_progress)
+    swarm_opts, swarm_dir = None, None
+    if url and s.swarm:
+        from . import swarm  # noqa: PLC0415
+
+        swarm_dir = swarm.work_dir(s.cache_dir, name)
+        swarm_opts = swarm.swarm_options(url, swarm_dir, s)
     try:
-        result = _core.ensure_entry(s.cache_dir, name, handle, path=path, url=url,
-                                    fetch=fetch or {}, sha256=sha256, limits=limits,
-                                    lock_timeout=s.lock_timeout, fsync=s.fsync,
-                                    lock_mode=s.lock_mode, heartbeat_stale=s.heartbeat_stale,
-                                    tfhub_stale=s.tfhub_lock_stale, progress=_with_cancel(bar))
+        try:
+            result = _core.ensure_entry(s.cache_dir, name, handle, path=path, url=url,
+                                        fetch=fetch or {}, sha256=sha256, limits=limits,
+                                        lock_timeout=s.lock_timeout, fsync=s.fsync,
+                                        lock_mode=s.lock_mode,
+                                        heartbeat_stale=s.heartbeat_stale,
+                                        tfhub_stale=s.tfhub_lock_stale,
+                                        progress=_with_cancel(bar), swarm=swarm_opts or {})
+        except (errors.DownloadTimeoutError, errors.NetworkError) as e:
+            if not swarm_opts:
+                raise
+            # The swarm (web seed included) gave nothing for too long: plain HTTP.
+            logger.warning("hubfast: %s: swarm download failed (%s); fetching over HTTP",
+                           handle, e)
+            result = _core.ensure_entry(s.cache_dir, name, handle, path=path, url=url,
+                                        fetch=fetch or {}, sha256=sha256, limits=limits,
+                                        lock_timeout=s.lock_timeout, fsync=s.fsync,
+                                        lock_mode=s.lock_mode,
+                                        heartbeat_stale=s.heartbeat_stale,
+                                        tfhub_stale=s.tfhub_lock_stale,
+                                        progress=_with_cancel(bar))
     except errors.HubfastError as e:
         # Advice about the cache only when the cache is what failed (not, e.g., the archive).
         about_cache = isinstance(e, errors.DiskFullError) or s.cache_dir in str(e)
@@ -161,6 +183,10 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
     finally:
         if bar is not None:
             bar.close()
+        if swarm_dir is not None:
+            from . import swarm  # noqa: PLC0415
+
+            swarm.remove_work_dir(swarm_dir)
     stats = {"handle": handle, "path": result["path"], "cached": not result["downloaded"],
              "lock_wait": result["lock_wait"], "publish_seconds": result["publish_seconds"],
              "repaired": result["repaired"]}

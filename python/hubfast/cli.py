@@ -10,6 +10,7 @@ Verbs (``hubfast VERB --help`` for each)::
     hubfast prune [--older-than 7d] [--max-size 10G] [--dry-run]
     hubfast pack DIR -o model.tar.zst  a tfhub.dev-like archive (multi-frame zstd, or gzip)
     hubfast serve DIR_OR_ARCHIVE --port 8000 [--path /org/model/1] [--host 127.0.0.1]
+    hubfast torrent ARCHIVE --web-seed URL [--tracker URL]   ARCHIVE.torrent (swarm mode)
 
 Common options: ``--cache-dir DIR`` (default ``TFHUB_CACHE_DIR``, else
 ``$TMPDIR/tfhub_modules``; the read-only layers of ``HUBFAST_CACHE_LAYERS`` are
@@ -63,10 +64,13 @@ times in seconds since the epoch or seconds)::
              "members", "tar_bytes", "bytes", "frames", "frame_size", "seek_table", "seconds"}
     serve:  {"command": "serve", "exit_code", "url" (the first handle), "host", "port",
              "handles": [{"url", "path", "source"}]}   (printed once the server listens)
+    torrent: {"command": "torrent", "exit_code", "path", "info_hash_v1", "info_hash_v2",
+             "piece_bytes", "web_seeds", "trackers"}
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -505,6 +509,42 @@ def cmd_pack(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- torrent
+
+
+def cmd_torrent(args: argparse.Namespace) -> int:
+    from . import _core, errors, swarm  # noqa: PLC0415
+
+    if not _core.have_swarm():
+        _err("torrent", "this build of hubfast has no swarm support (libtorrent)")
+        return EXIT_FAILED
+    out = args.output or args.archive + swarm.TORRENT_SUFFIX
+    try:
+        t = swarm.make_torrent(args.archive, args.web_seed, args.tracker or [])
+        # A fresh name, then rename: a reader never sees half a torrent.
+        tmp = f"{out}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(t["data"])
+            os.replace(tmp, out)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except (errors.HubfastError, OSError) as e:
+        _err("torrent", f"{args.archive}: {e}")
+        return EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_FAILED
+    res = {"path": out, "info_hash_v1": t["info_hash_v1"], "info_hash_v2": t["info_hash_v2"],
+           "piece_bytes": t["piece_bytes"], "web_seeds": args.web_seed,
+           "trackers": args.tracker or []}
+    if args.json:
+        _emit_json(dict({"command": "torrent", "exit_code": 0}, **res))
+    else:
+        sys.stdout.write(out + "\n")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- serve
 
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.zst", ".tzst", ".tar.bz2", ".tbz2", ".tar.xz",
@@ -590,8 +630,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         # x-goog-hash and ETag need each archive's md5 and crc32c: computed now, in the
         # background, rather than on its first request (1.6 s per GiB before the headers).
-        threading.Thread(target=_precompute_digests, args=(server,), name="hubfast-serve-digests",
-                         daemon=True).start()
+        # So is each archive's torrent (<path>.torrent): until it exists, clients in swarm
+        # mode fetch over plain HTTP.
+        threading.Thread(target=_precompute_digests, args=(server, routes, args.tracker or []),
+                         name="hubfast-serve-digests", daemon=True).start()
         try:
             handles = [{"url": server.url_for(r["path"]), "path": r["path"],
                         "source": r["source"]} for r in routes if r["kind"] == "archive"]
@@ -614,11 +656,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _precompute_digests(server: TFHubServer) -> None:
+def _precompute_digests(server: TFHubServer, routes: List[Dict[str, str]],
+                        trackers: List[str]) -> None:
     try:
         server.precompute_digests()
     except OSError:
         pass  # an archive gone or unreadable: its requests report it
+    from . import _core, errors, swarm  # noqa: PLC0415
+
+    if not _core.have_swarm():
+        return
+    for r in routes:
+        if r["kind"] == "archive":
+            try:
+                swarm.publish_torrent(server, r["path"], r["source"], trackers)
+            except (errors.HubfastError, OSError):
+                pass  # no torrent: clients fetch this archive over HTTP
 
 
 # --------------------------------------------------------------------------- parser
@@ -735,6 +788,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth", type=float, help="per-connection cap in bytes/s")
     p.add_argument("--goog-hash", default="both", choices=("both", "crc32c", "md5", "none"),
                    help="digests advertised in x-goog-hash (default both)")
+    p.add_argument("--tracker", action="append", metavar="URL",
+                   help="announce URL written into each published torrent (repeatable)")
+    _common(p, cache=False)
+
+    p = sub.add_parser("torrent", help="write a BitTorrent file for an archive (swarm mode)",
+                       description="Write ARCHIVE.torrent: a hybrid (v1+v2) torrent whose web "
+                                   "seed is the archive's URL, for a static server or nginx "
+                                   "to publish beside the archive (clients in swarm mode look "
+                                   "for <archive URL path>.torrent).")
+    p.add_argument("archive", metavar="ARCHIVE")
+    p.add_argument("--web-seed", action="append", required=True, metavar="URL",
+                   help="the archive's HTTP URL, as clients fetch it (repeatable)")
+    p.add_argument("--tracker", action="append", metavar="URL", help="announce URL (repeatable)")
+    p.add_argument("-o", "--output", metavar="FILE", help="default: ARCHIVE.torrent")
     _common(p, cache=False)
     return parser
 
@@ -769,6 +836,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_pack(args, _subparser(parser, "pack"))
         if verb == "serve":
             return cmd_serve(args)
+        if verb == "torrent":
+            return cmd_torrent(args)
     except KeyboardInterrupt:
         _err(verb, "interrupted")
         return 130

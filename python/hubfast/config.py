@@ -37,6 +37,10 @@ MAX_EXTRACT_BYTES_ENV = "HUBFAST_MAX_EXTRACT_BYTES"
 MAX_MEMBERS_ENV = "HUBFAST_MAX_MEMBERS"
 PINS_ENV = "HUBFAST_PINS"  # file of "<handle> <sha256>" lines
 MIRRORS_ENV = "HUBFAST_MIRRORS"  # "prefix=replacement" pairs, comma-separated
+SWARM_ENV = "HUBFAST_SWARM"  # a BitTorrent tracker's announce URL: swarm mode on
+SWARM_INTERFACE_ENV = "HUBFAST_SWARM_INTERFACE"  # address swarm traffic uses; default any
+SWARM_DISCOVERY_ENV = "HUBFAST_SWARM_DISCOVERY"  # extra discovery: any of dht,lsd,upnp,natpmp
+SWARM_ENCRYPTION_ENV = "HUBFAST_SWARM_ENCRYPTION"  # 1: refuse unencrypted peer connections
 PREFETCH_NICE_ENV = "HUBFAST_PREFETCH_NICE"  # nice increment of background fetches (0: none)
 # Endpoint overrides for the public hosts (scheme://host[:port][/prefix]): a fleet's cache,
 # or the loopback test server. Each names the hosts it stands in for.
@@ -134,6 +138,10 @@ class Settings:
     adaptive_connections: bool = True
     min_parallel_bytes: int = 64 << 20
     decode_threads: int = 0
+    swarm: str = ""  # tracker announce URL; "": swarm mode off
+    swarm_interface: str = ""
+    swarm_discovery: tuple = ()
+    swarm_encryption: bool = False
 
 
 def cache_dir() -> str:
@@ -188,6 +196,11 @@ def settings() -> Settings:
         adaptive_connections=os.environ.get(ADAPTIVE_CONNECTIONS_ENV, "1").strip() != "0",
         min_parallel_bytes=_int(MIN_PARALLEL_BYTES_ENV, 64 << 20),
         decode_threads=_int(DECODE_THREADS_ENV, 0),
+        swarm=os.environ.get(SWARM_ENV, "").strip(),
+        swarm_interface=os.environ.get(SWARM_INTERFACE_ENV, "").strip(),
+        swarm_discovery=tuple(d.strip().lower() for d in
+                              os.environ.get(SWARM_DISCOVERY_ENV, "").split(",") if d.strip()),
+        swarm_encryption=_flag(SWARM_ENCRYPTION_ENV),
     )
 
 

@@ -89,18 +89,24 @@ class Cluster:
                  str(ORIGIN_PORT), str(self.archive)],
                 env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, text=True)
-            self.handle = _read_json(self._origin_agent, 60)["url"]
+            hello = _read_json(self._origin_agent, 300)
+            self.handle = hello["url"]
+            self.info_hashes = hello.get("info_hashes", [])
         except BaseException:
             self.net.close()
             raise
         self._round = 0
 
-    def origin_bytes(self) -> int:
+    def origin_stats(self) -> Dict[str, int]:
+        """What the origin served so far: ``body_bytes`` of the archive, ``torrent_gets``."""
         self._origin_agent.stdin.write("stats\n")  # type: ignore[union-attr]
         self._origin_agent.stdin.flush()  # type: ignore[union-attr]
-        return int(_read_json(self._origin_agent, 30)["body_bytes"])
+        return _read_json(self._origin_agent, 30)
 
-    def resolve_all(self, hosts: List[netsim.Host], env: Optional[Dict[str, str]] = None,
+    def origin_bytes(self) -> int:
+        return int(self.origin_stats()["body_bytes"])
+
+    def resolve_all(self, hosts: List[netsim.Host], env: Optional[Any] = None,
                     timeout: float = 600) -> List[Dict[str, Any]]:
         """Cold resolves on ``hosts`` (fresh caches), released together. Each result:
         ``ready_s``, ``path``, ``fingerprint``."""
@@ -110,7 +116,8 @@ class Cluster:
             for h in hosts:
                 cache = self.work / f"round{self._round}" / h.name
                 cache.mkdir(parents=True)
-                e = dict(self.env, TFHUB_CACHE_DIR=str(cache), **(env or {}))
+                extra = env(h) if callable(env) else (env or {})
+                e = dict(self.env, TFHUB_CACHE_DIR=str(cache), **extra)
                 agents.append(h.popen([sys.executable, "-m", "hubfast.testing.cluster",
                                        "client", self.handle], env=e, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -135,7 +142,7 @@ class Cluster:
                     a.kill()
                     a.wait()
 
-    def row(self, mode: str, env: Optional[Dict[str, str]] = None,
+    def row(self, mode: str, env: Optional[Any] = None,
             before_round: Optional[Any] = None) -> Dict[str, Any]:
         """One row: one host alone (single_host_s), then every host at once."""
         if before_round:
@@ -185,6 +192,33 @@ class Cluster:
                 p.terminate()
                 p.wait(timeout=15)
 
+    def start_tracker(self) -> str:
+        """opentracker on a host of its own; returns its announce URL. Debian's build admits
+        only listed torrents (the v1 info-hash, and the v2 one cut to 20 bytes), and reads
+        the list after chrooting to -d (and it refuses to keep root): the list lives in
+        that directory, readable by nobody."""
+        if getattr(self, "tracker", None) is None:
+            binary = shutil.which("opentracker")
+            if binary is None:
+                raise RuntimeError("opentracker is not installed (apt-get install opentracker)")
+            self.tracker = self.net.add_host("tracker")
+            root = self.work / "tracker"
+            root.mkdir(parents=True)
+            (root / "whitelist").write_text("".join(h[:40] + "\n" for h in self.info_hashes))
+            os.chmod(root / "whitelist", 0o644)  # read after dropping to nobody
+            os.chmod(root, 0o755)
+            self.tracker.popen([binary, "-i", self.tracker.ip, "-p", "6969", "-P", "6969",
+                                "-d", str(root), "-w", "whitelist", "-u", "nobody"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _wait_listening(self.tracker, self.tracker.ip, 6969)
+        return f"http://{self.tracker.ip}:6969/announce"
+
+    def swarm_env(self, host: netsim.Host) -> Dict[str, str]:
+        return {"HUBFAST_SWARM": self.start_tracker(), "HUBFAST_SWARM_INTERFACE": host.ip}
+
+    def swarm_row(self) -> Dict[str, Any]:
+        return self.row("swarm", self.swarm_env)
+
     def close(self) -> None:
         self.net.close()
         shutil.rmtree(self.work, ignore_errors=True)
@@ -218,10 +252,20 @@ def _origin(ip: str, port: int, archive: str) -> None:
     server.precompute_digests()
     server.start()
     try:
-        print(json.dumps({"url": server.url_for(HANDLE_PATH)}), flush=True)
+        hashes = []
+        from .. import _core, swarm  # noqa: PLC0415
+
+        if _core.have_swarm():  # as `hubfast serve` does, but before the first client
+            t = swarm.publish_torrent(server, HANDLE_PATH, archive)
+            hashes = [t["info_hash_v1"], t["info_hash_v2"]]
+        print(json.dumps({"url": server.url_for(HANDLE_PATH), "info_hashes": hashes}),
+              flush=True)
         for line in sys.stdin:
-            if line.strip() == "stats":
-                print(json.dumps({"body_bytes": server.stats.body_bytes}), flush=True)
+            if line.strip() == "stats":  # the archive's bytes only (not the torrent's)
+                st = server.stats
+                print(json.dumps({"body_bytes": st.path(HANDLE_PATH).body_bytes,
+                                  "torrent_gets": st.path(HANDLE_PATH + ".torrent").gets}),
+                      flush=True)
     finally:
         server.close()
 

@@ -1495,6 +1495,14 @@ class TFHubServer:
             options.setdefault("last_modified", max(time.time(), old.mtime + 1))
         self.add_archive(p, data, **options)  # type: ignore[arg-type]
 
+    def add_file(self, path: str, data: Source, content_type: Optional[str] = None) -> None:
+        """Serve ``data`` as is at ``path`` (any query), e.g. a published ``.torrent``."""
+        p = _norm_path(path)
+        obj = _Object(p, data, direct=True, goog_hash="none", content_type=content_type)
+        with self._lock:
+            self._redirects.pop(p, None)
+            self._objects[p] = obj
+
     def add_redirect(
         self, path: str, target_url: str, status: int = 302, *, keep_query: bool = False
     ) -> None:
