@@ -63,7 +63,8 @@ def test_wheel_is_manylinux_and_bundles_its_libraries(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
     libs = [n.split("/")[-1] for n in names if n.startswith("hubfast.libs/")]
-    for lib in ("libcurl", "libisal", "libzstd", "liblzma", "libbz2", "libssl", "libcrypto"):
+    for lib in ("libcurl", "libisal", "libzstd", "liblzma", "libbz2", "libssl", "libcrypto",
+                "libtorrent-rasterbar"):
         assert any(n.startswith(lib) for n in libs), (lib, libs)
     assert any(n.startswith("hubfast/_core") and n.endswith(".so") for n in names)
     for module in ("cli", "maintenance", "pack", "__main__"):
@@ -92,9 +93,11 @@ dest = os.path.join(work, "out")
 os.mkdir(dest)
 st = _core.extract(dest, path=archive)
 path = hubfast.resolve(archive)
+torrent = _core.make_torrent(archive, web_seeds=["http://mirror.test/m.tar.gz"])
 print(json.dumps({"files": st["files"], "compression": st["compression"], "path": path,
                   "isal": _core.have_isal(), "tree": sorted(os.listdir(path)),
-                  "core": _core.__file__}))
+                  "core": _core.__file__, "swarm": _core.have_swarm(),
+                  "info_hash_v2": torrent["info_hash_v2"]}))
 """
 
 
@@ -116,10 +119,11 @@ def test_wheel_in_a_fresh_venv_without_tensorflow(venv, tmp_path):
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert doc["files"] == 3 and doc["compression"] == "gzip" and doc["isal"]
+    assert doc["swarm"] and len(doc["info_hash_v2"]) == 64  # libtorrent, bundled
     assert doc["core"].startswith(str(venv)) and doc["tree"] == ["saved_model.pb", "variables"]
     # The bundled libraries are the ones loaded.
     ldd = subprocess.run(["ldd", doc["core"]], capture_output=True, text=True).stdout
-    assert "hubfast.libs/libcurl" in ldd, ldd
+    assert "hubfast.libs/libcurl" in ldd and "hubfast.libs/libtorrent-rasterbar" in ldd, ldd
 
     # The console script: --help, then fetch a local archive and an HTTP one.
     p = subprocess.run([hubfast_cmd, "--help"], capture_output=True, text=True, env=env)
