@@ -2,13 +2,9 @@
 
 #include <bzlib.h>
 #include <lzma.h>
-#include <zlib.h>
 #define ZSTD_STATIC_LINKING_ONLY  // ZSTD_getFrameHeader (exported by Debian's libzstd, as pzstd.cc uses it)
 #include <zstd.h>
 #include <zstd_errors.h>
-#ifdef HUBFAST_HAVE_ISAL
-#include <isa-l/igzip_lib.h>
-#endif
 
 #include <sched.h>
 
@@ -18,10 +14,10 @@
 #include <thread>
 #include <vector>
 
-#include "hubfast/digest.h"
 #include "hubfast/error.h"
 #include "hubfast/pgzip.h"
 #include "hubfast/pzstd.h"
+#include "gzip_members.h"
 
 namespace hubfast {
 namespace {
@@ -31,236 +27,6 @@ constexpr size_t kOutBytes = 1 << 20;
 [[noreturn]] void corrupt(const char* fmt, const std::string& detail) {
   throw Error(ErrorKind::kIntegrity, std::string(fmt) + " stream is corrupt: " + detail);
 }
-
-// Between gzip members: a new member, zero padding, or garbage. Returns how
-// many bytes to skip; 0 means a member starts here.
-size_t skip_between_members(const uint8_t* p, size_t n, bool* saw_zero) {
-  size_t i = 0;
-  while (i < n && p[i] == 0) ++i;
-  if (i > 0) *saw_zero = true;
-  if (i < n) {
-    if (*saw_zero || p[i] != 0x1f)
-      throw Error(ErrorKind::kIntegrity,
-                  "gzip stream is corrupt: garbage after the end of the compressed data");
-  }
-  return i;
-}
-
-#ifdef HUBFAST_HAVE_ISAL
-// RFC 1952 member header, parsed incrementally: ISA-L's own header parsing
-// needs the whole header in one call (intel/isa-l#224), and a header can
-// straddle the pipeline's chunks.
-class GzipHeader {
- public:
-  void reset() { *this = GzipHeader(); }
-  bool done() const { return state_ == kDone; }
-
-  // Consumes header bytes from p; returns how many it used.
-  size_t consume(const uint8_t* p, size_t n) {
-    size_t i = 0;
-    while (i < n && state_ != kDone) {
-      uint8_t c = p[i++];
-      if (state_ != kHcrc) crc_ = crc32_update(crc_, &c, 1);
-      switch (state_) {
-        case kFixed:
-          fixed_[pos_++] = c;
-          if (pos_ == 10) {
-            if (fixed_[0] != 0x1f || fixed_[1] != 0x8b) corrupt("gzip", "not a gzip member (bad magic)");
-            if (fixed_[2] != 8) corrupt("gzip", "unsupported compression method");
-            if (fixed_[3] & 0xE0) corrupt("gzip", "reserved header flags set");
-            flags_ = fixed_[3];
-            pos_ = 0;
-            next_after(kFixed);
-          }
-          break;
-        case kXlen:
-          xlen_ |= uint32_t(c) << (8 * pos_);
-          if (++pos_ == 2) {
-            pos_ = 0;
-            if (xlen_ == 0) next_after(kExtra);
-            else state_ = kExtra;
-          }
-          break;
-        case kExtra:
-          if (++pos_ == xlen_) {
-            pos_ = 0;
-            next_after(kExtra);
-          }
-          break;
-        case kName:
-          if (c == 0) next_after(kName);
-          break;
-        case kComment:
-          if (c == 0) next_after(kComment);
-          break;
-        case kHcrc:
-          hcrc_ |= uint32_t(c) << (8 * pos_);
-          if (++pos_ == 2) {
-            if (hcrc_ != (crc_ & 0xffff)) corrupt("gzip", "header CRC mismatch");
-            state_ = kDone;
-          }
-          break;
-        case kDone:
-          break;
-      }
-    }
-    return i;
-  }
-
- private:
-  enum State { kFixed, kXlen, kExtra, kName, kComment, kHcrc, kDone };
-  void next_after(State s) {
-    // The optional fields, in RFC order: FEXTRA, FNAME, FCOMMENT, FHCRC.
-    if (s < kXlen && (flags_ & 4)) { state_ = kXlen; return; }
-    if (s < kName && (flags_ & 8)) { state_ = kName; return; }
-    if (s < kComment && (flags_ & 16)) { state_ = kComment; return; }
-    if (s < kHcrc && (flags_ & 2)) { state_ = kHcrc; return; }
-    state_ = kDone;
-  }
-  State state_ = kFixed;
-  uint8_t fixed_[10] = {};
-  uint8_t flags_ = 0;
-  uint32_t pos_ = 0, xlen_ = 0, hcrc_ = 0, crc_ = 0;
-};
-
-class GzipIsalDecoder : public Decoder {
- public:
-  GzipIsalDecoder() : out_(kOutBytes) {}
-
-  void feed(const uint8_t* in, size_t n, const OutFn& out) override {
-    while (n > 0) {
-      if (!in_member_) {
-        if (members_ > 0) {
-          size_t skip = skip_between_members(in, n, &saw_zero_);
-          in += skip;
-          n -= skip;
-          if (n == 0) return;
-        }
-        isal_inflate_init(&st_);
-        st_.crc_flag = ISAL_GZIP_NO_HDR_VER;  // raw deflate, then the trailer checked
-        header_.reset();
-        in_member_ = true;
-      }
-      if (!header_.done()) {
-        size_t used = header_.consume(in, n);
-        in += used;
-        n -= used;
-        if (n == 0) return;
-      }
-      uint32_t len = uint32_t(std::min<size_t>(n, UINT32_MAX));
-      st_.next_in = const_cast<uint8_t*>(in);
-      st_.avail_in = len;
-      for (;;) {
-        st_.next_out = out_.data();
-        st_.avail_out = uint32_t(out_.size());
-        int r = isal_inflate(&st_);
-        if (r < 0) corrupt("gzip", isal_message(r));
-        size_t produced = out_.size() - st_.avail_out;
-        if (produced) out(out_.data(), produced);
-        if (st_.block_state == ISAL_BLOCK_FINISH) break;
-        if (st_.avail_in == 0 && st_.avail_out > 0) break;
-      }
-      size_t used = len - st_.avail_in;
-      in += used;
-      n -= used;
-      if (st_.block_state == ISAL_BLOCK_FINISH) {
-        in_member_ = false;
-        ++members_;
-      }
-    }
-  }
-
-  void finish(const OutFn&) override {
-    if (in_member_)
-      throw Error(ErrorKind::kIntegrity,
-                  "gzip stream is truncated: it ends before its trailer (CRC32, size)");
-    if (members_ == 0) throw Error(ErrorKind::kIntegrity, "gzip stream is empty");
-  }
-
-  uint64_t units() const override { return members_; }
-
- private:
-  static std::string isal_message(int r) {
-    switch (r) {
-      case ISAL_INVALID_BLOCK: return "invalid deflate block";
-      case ISAL_INVALID_SYMBOL: return "invalid deflate symbol";
-      case ISAL_INVALID_LOOKBACK: return "invalid back-reference distance";
-      case ISAL_INVALID_WRAPPER: return "invalid gzip header";
-      case ISAL_UNSUPPORTED_METHOD: return "unsupported compression method";
-      case ISAL_INCORRECT_CHECKSUM: return "CRC32 or size in the gzip trailer does not match";
-      default: return "ISA-L error " + std::to_string(r);
-    }
-  }
-
-  inflate_state st_{};
-  std::vector<uint8_t> out_;
-  GzipHeader header_;
-  bool in_member_ = false;
-  bool saw_zero_ = false;
-  uint64_t members_ = 0;
-};
-#endif
-
-class GzipZlibDecoder : public Decoder {
- public:
-  GzipZlibDecoder() : out_(kOutBytes) {
-    if (inflateInit2(&zs_, 15 + 16) != Z_OK) throw Error(ErrorKind::kIO, "zlib init failed");
-  }
-  ~GzipZlibDecoder() override { inflateEnd(&zs_); }
-
-  void feed(const uint8_t* in, size_t n, const OutFn& out) override {
-    while (n > 0) {
-      if (!in_member_) {
-        if (members_ > 0) {
-          size_t skip = skip_between_members(in, n, &saw_zero_);
-          in += skip;
-          n -= skip;
-          if (n == 0) return;
-        }
-        inflateReset(&zs_);
-        in_member_ = true;
-      }
-      uInt len = uInt(std::min<size_t>(n, UINT_MAX));
-      zs_.next_in = const_cast<Bytef*>(in);
-      zs_.avail_in = len;
-      int r = Z_OK;
-      for (;;) {
-        zs_.next_out = out_.data();
-        zs_.avail_out = uInt(out_.size());
-        r = inflate(&zs_, Z_NO_FLUSH);
-        if (r != Z_OK && r != Z_STREAM_END && r != Z_BUF_ERROR)
-          corrupt("gzip", zs_.msg ? zs_.msg : "zlib error " + std::to_string(r));
-        size_t produced = out_.size() - zs_.avail_out;
-        if (produced) out(out_.data(), produced);
-        if (r == Z_STREAM_END) break;
-        if (zs_.avail_in == 0 && zs_.avail_out > 0) break;
-      }
-      size_t used = len - zs_.avail_in;
-      in += used;
-      n -= used;
-      if (r == Z_STREAM_END) {
-        in_member_ = false;
-        ++members_;
-      }
-    }
-  }
-
-  void finish(const OutFn&) override {
-    if (in_member_)
-      throw Error(ErrorKind::kIntegrity,
-                  "gzip stream is truncated: it ends before its trailer (CRC32, size)");
-    if (members_ == 0) throw Error(ErrorKind::kIntegrity, "gzip stream is empty");
-  }
-
-  uint64_t units() const override { return members_; }
-
- private:
-  z_stream zs_{};
-  std::vector<uint8_t> out_;
-  bool in_member_ = false;
-  bool saw_zero_ = false;
-  uint64_t members_ = 0;
-};
 
 class ZstdDecoder : public Decoder {
  public:
@@ -497,9 +263,9 @@ std::unique_ptr<Decoder> make_decoder(Compression c, const DecodeOptions& opt) {
 #ifdef HUBFAST_HAVE_ISAL
       // One gzip stream on every core; it decodes small streams in one (ISA-L) itself.
       if (opt.use_isal && threads > 1) return make_parallel_gzip_decoder(threads);
-      if (opt.use_isal) return std::make_unique<GzipIsalDecoder>();
+      if (opt.use_isal) return make_isal_gzip_decoder();
 #endif
-      return std::make_unique<GzipZlibDecoder>();
+      return make_zlib_gzip_decoder();
     case Compression::kZstd: {
       if (threads > 1) return make_parallel_zstd_decoder(threads, DecodeOptions{opt.use_isal, opt.zstd_window_log_max, opt.xz_memlimit, 1});
       return std::make_unique<ZstdDecoder>(opt.zstd_window_log_max);

@@ -64,6 +64,7 @@
 #include "env_flag.h"
 #include "hubfast/error.h"
 #include "hubfast/spares.h"
+#include "gzip_members.h"
 #include "pgzip_inflate.h"
 
 namespace hubfast {
@@ -82,18 +83,6 @@ constexpr size_t kHandOverMin = 64 << 10;
   throw Error(ErrorKind::kIntegrity, "gzip stream is corrupt: " + msg);
 }
 
-std::string isal_message(int r) {
-  switch (r) {
-    case ISAL_INVALID_BLOCK: return "invalid deflate block";
-    case ISAL_INVALID_SYMBOL: return "invalid deflate symbol";
-    case ISAL_INVALID_LOOKBACK: return "invalid back-reference distance";
-    case ISAL_INVALID_WRAPPER: return "invalid gzip header";
-    case ISAL_UNSUPPORTED_METHOD: return "unsupported compression method";
-    case ISAL_INCORRECT_CHECKSUM: return "a checksum does not match (header CRC, or CRC32/size in the trailer)";
-    default: return "ISA-L error " + std::to_string(r);
-  }
-}
-
 // HUBFAST_PGZIP_TRACE=1: one line per job event on stderr (debugging).
 bool tracing() {
   static const bool on = env_flag("HUBFAST_PGZIP_TRACE");
@@ -107,73 +96,6 @@ bool tracing() {
 uint32_t le32(const uint8_t* p) {
   return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
 }
-
-// ---- one stream: small archives, one thread ----------------------------------
-
-class SeqGzip {
- public:
-  SeqGzip() : st_(std::make_unique<inflate_state>()), out_(1 << 20) {}
-
-  void feed(const uint8_t* in, size_t n, const OutFn& out) {
-    while (n > 0) {
-      if (!in_member_) {
-        if (members_ > 0) {
-          size_t i = 0;
-          while (i < n && in[i] == 0) ++i;
-          if (i > 0) saw_zero_ = true;
-          if (i < n && (saw_zero_ || in[i] != 0x1f))
-            integrity("gzip stream is corrupt: garbage after the end of the compressed data");
-          in += i;
-          n -= i;
-          if (n == 0) return;
-        }
-        isal_inflate_init(st_.get());
-        st_->crc_flag = ISAL_GZIP;
-        in_member_ = true;
-        member_pos_ = 0;
-      }
-      uint32_t len = uint32_t(std::min<size_t>(n, UINT32_MAX));
-      if (member_pos_ <= 3 && 3 < member_pos_ + len && (in[3 - member_pos_] & 0xE0))
-        integrity("reserved header flags set");
-      st_->next_in = const_cast<uint8_t*>(in);
-      st_->avail_in = len;
-      for (;;) {
-        st_->next_out = out_.data();
-        st_->avail_out = uint32_t(out_.size());
-        int r = isal_inflate(st_.get());
-        if (r < 0) integrity(isal_message(r));
-        size_t produced = out_.size() - st_->avail_out;
-        if (produced) out(out_.data(), produced);
-        if (st_->block_state == ISAL_BLOCK_FINISH) break;
-        if (st_->avail_in == 0 && st_->avail_out > 0) break;
-      }
-      size_t used = len - st_->avail_in;
-      in += used;
-      n -= used;
-      member_pos_ += used;
-      if (st_->block_state == ISAL_BLOCK_FINISH) {
-        in_member_ = false;
-        ++members_;
-      }
-    }
-  }
-
-  void finish() {
-    if (in_member_)
-      throw Error(ErrorKind::kIntegrity, "gzip stream is truncated: it ends before its trailer (CRC32, size)");
-    if (members_ == 0) throw Error(ErrorKind::kIntegrity, "gzip stream is empty");
-  }
-
-  uint64_t units() const { return members_; }
-
- private:
-  std::unique_ptr<inflate_state> st_;
-  std::vector<uint8_t> out_;
-  uint64_t member_pos_ = 0;
-  bool in_member_ = false;
-  bool saw_zero_ = false;
-  uint64_t members_ = 0;
-};
 
 // ---- the parallel decoder ----------------------------------------------------
 
@@ -244,7 +166,7 @@ class ParallelGzip : public Decoder {
     pieces_ = std::make_shared<Spares>(max_inflight_ * (budget_ / piece_bytes_ + 2));
     if (threads_ <= 1) {
       mode_ = Mode::kSequential;
-      seq_ = std::make_unique<SeqGzip>();
+      seq_ = make_isal_gzip_decoder();
     }
   }
 
@@ -347,7 +269,7 @@ class ParallelGzip : public Decoder {
   uint64_t input_floor() const override { return floor_.load(std::memory_order_relaxed); }
 
   void finish(const OutFn& out) override {
-    if (mode_ == Mode::kSequential) return seq_->finish();
+    if (mode_ == Mode::kSequential) return seq_->finish(out);
     if (offsets_) {
       complete_offsets();
     } else if (open_ && !open_->data.empty()) {
@@ -357,12 +279,12 @@ class ParallelGzip : public Decoder {
     if (mode_ == Mode::kProbe) {
       // Too small to pay: one stream.
       mode_ = Mode::kSequential;
-      seq_ = std::make_unique<SeqGzip>();
+      seq_ = make_isal_gzip_decoder();
       std::deque<SegPtr> segs;
       segs.swap(segs_);
       for (auto& s : segs) seq_->feed(s->data.data(), s->data.size(), out);
       segs.clear();
-      seq_->finish();
+      seq_->finish(out);
       floor_ = total;
       return;
     }
@@ -954,7 +876,7 @@ class ParallelGzip : public Decoder {
   bool offsets_ = false;   // fed by feed_at(); also read under mu_ (written before the workers start)
   uint64_t end_ = 0;       // feed_at: the highest byte given, plus one
   std::map<uint64_t, Partial> partial_;  // feed_at: segments being filled
-  std::unique_ptr<SeqGzip> seq_;
+  std::unique_ptr<Decoder> seq_;  // one stream: small archives, or one thread
   std::shared_ptr<Segment> open_;
   uint64_t open_index_ = 0;
   uint64_t total_in_ = 0;

@@ -118,9 +118,11 @@ void BitReader::check_not_past_end() const {
   if (past_end()) fail("gzip stream is truncated");
 }
 
-void BitReader::read_bytes(uint8_t* dst, size_t n) {
+// Whole bytes from the stream: the bits buffered first, then straight from
+// the segments; copied to dst, or dropped when dst is null.
+void BitReader::take_bytes(uint8_t* dst, uint64_t n) {
   while (n && bitcount_ >= 8) {
-    *dst++ = uint8_t(bitbuf_);
+    if (dst) *dst++ = uint8_t(bitbuf_);
     consume(8);
     --n;
   }
@@ -138,34 +140,11 @@ void BitReader::read_bytes(uint8_t* dst, size_t n) {
       load_segment(std::move(s), 0);
       continue;
     }
-    size_t k = std::min<size_t>(n, size_t(end_ - p_));
-    std::memcpy(dst, p_, k);
-    p_ += k;
-    dst += k;
-    n -= k;
-  }
-}
-
-void BitReader::skip_bytes(uint64_t n) {
-  while (n && bitcount_ >= 8) {
-    consume(8);
-    --n;
-  }
-  check_not_past_end();
-  if (n == 0) return;
-  bitbuf_ = 0;
-  bitcount_ = 0;
-  while (n) {
-    if (p_ == end_) {
-      SegPtr s = at_eof_ ? nullptr : src_->get(next_index_);
-      if (!s || s->data.empty()) {
-        at_eof_ = true;
-        fail("gzip stream is truncated");
-      }
-      load_segment(std::move(s), 0);
-      continue;
+    size_t k = size_t(std::min<uint64_t>(n, uint64_t(end_ - p_)));
+    if (dst) {
+      std::memcpy(dst, p_, k);
+      dst += k;
     }
-    uint64_t k = std::min<uint64_t>(n, uint64_t(end_ - p_));
     p_ += k;
     n -= k;
   }

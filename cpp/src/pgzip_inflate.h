@@ -101,10 +101,11 @@ class BitReader {
   void align() { consume(bitcount_ & 7); }
   // Byte-aligned reads (after align()).
   uint8_t byte() { return uint8_t(bits(8)); }
-  void read_bytes(uint8_t* dst, size_t n);
-  void skip_bytes(uint64_t n);
+  void read_bytes(uint8_t* dst, size_t n) { take_bytes(dst, n); }
+  void skip_bytes(uint64_t n) { take_bytes(nullptr, n); }
 
  private:
+  void take_bytes(uint8_t* dst, uint64_t n);
   void refill_slow();
   void load_segment(SegPtr s, uint64_t offset);
 
