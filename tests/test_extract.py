@@ -420,8 +420,10 @@ def populated_cache(cache_dir, good_archive):
 
 
 @pytest.mark.parametrize("name", [_param(n) for n in INTEGRITY_CASES])
-def test_corrupt_archive_leaves_cache_unchanged(name, hostile_dir, cache_dir, populated_cache):
+def test_corrupt_archive_leaves_cache_unchanged(name, hostile_dir, cache_dir, populated_cache, monkeypatch):
     case = CASES[name]
+    if "max_total_bytes" in case.limits:
+        monkeypatch.setenv("HUBFAST_MAX_EXTRACT_BYTES", str(case.limits["max_total_bytes"]))
     with pytest.raises(errors.IntegrityError) as ei:
         hubfast.resolve(str(hostile_dir / case.filename))
     assert type(ei.value) is errors.IntegrityError, repr(ei.value)

@@ -608,6 +608,63 @@ def test_garbage_after_the_gzip_stream(server, small, cache_dir, goog_hash):
     resolve_fails(server.url_for(HANDLE_PATH), cache_dir, errors.IntegrityError, match)
 
 
+@pytest.mark.parametrize("fmt", ["tar", "gz"])
+def test_server_that_never_stops_sending(server, small, cache_dir, fmt):
+    """No Content-Length and zeros after the archive without end: hubfast reads at most 1 MiB
+    past the archive's end (plus what its queues held when it saw the end), then closes."""
+    data = small.tar if fmt == "tar" else small.gz
+    server.add_archive(HANDLE_PATH, data, goog_hash="none")
+    server.inject(HANDLE_PATH, Fault.endless(upto=1 << 30))
+    resolve_ok(server.url_for(HANDLE_PATH), small)
+    assert server.stats.path(HANDLE_PATH).body_bytes - len(data) < 128 * MiB
+
+
+def test_server_that_never_stops_sending_fails_a_pin(server, small, cache_dir):
+    """A pinned sha256 is over the whole object: one that never ends cannot match it."""
+    server.add_archive(HANDLE_PATH, small.gz, goog_hash="none")
+    server.inject(HANDLE_PATH, Fault.endless(upto=1 << 30))
+    pin = hashlib.sha256(small.gz).hexdigest()
+    with pytest.raises(errors.IntegrityError, match="past the end"):
+        hubfast.resolve(server.url_for(HANDLE_PATH), sha256=pin)
+    assert_cache_clean(cache_dir)
+
+
+def test_dripped_huge_member_reserves_no_disk(server, cache_dir):
+    """A member declared 1.5 GiB whose bytes stall after about 24 MiB: the space reserved for it stays
+    near what arrived, not the declared size (another writer must not get ENOSPC meanwhile)."""
+    info = tarfile.TarInfo("big.bin")
+    info.size = 3 * (1 << 29)
+    data = info.tobuf(format=tarfile.USTAR_FORMAT) + bytes(range(256)) * (24 * MiB // 256)
+    server.add_archive(HANDLE_PATH, data, goog_hash="none")
+    server.inject(HANDLE_PATH, Fault.stall(len(data) - 4096, 30, then="close"))
+    failure: List[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            hubfast.resolve(server.url_for(HANDLE_PATH))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failure.append(e)
+
+    def files() -> List[os.stat_result]:
+        return [p.lstat() for p in cache_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+
+    t = threading.Thread(target=fetch)
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(st_.st_size >= 16 * MiB for st_ in files()):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        held = max(st_.st_blocks * 512 for st_ in files())
+        assert 16 * MiB <= held < 256 * MiB, f"{held} bytes held for a member of which 24 MiB came"
+    finally:
+        server.stop()
+        t.join(60)
+    assert not t.is_alive()
+    assert failure and isinstance(failure[0], errors.HubfastError), failure
+    assert_cache_clean(cache_dir)
+
+
 @pytest.mark.parametrize("shift,value", [(1, None), (-1, None), (0, "bytes 0-9/10")])
 def test_wrong_content_range(server, small, cache_dir, shift, value):
     server.add_archive(HANDLE_PATH, small.gz)

@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <vector>
 
@@ -85,15 +86,26 @@ void DirWriter::begin_file(const TarMember& m) {
   file_left_ = file_size_ = m.size;
   file_crc_ = 0;
   written_.erase(m.path);
-  // Reserve the space up front: ENOSPC now rather than half way through.
-  if (m.size >= (1u << 20)) {
-    int r = ::posix_fallocate(fd, 0, off_t(m.size));
-    if (r == ENOSPC || r == EDQUOT) throw_errno("no space for '" + m.path + "'", r);
-  }
+  file_reserved_ = 0;
+}
+
+// Space is reserved ahead of the data (ENOSPC early, fewer fragments), but
+// only as far as the data that came makes plausible: at most twice what was
+// written, never the declared size at once. A header costs nothing to forge,
+// and a server that declares a huge member and then drips its bytes must not
+// hold the disk meanwhile.
+void DirWriter::reserve_for(uint64_t upto) {
+  constexpr uint64_t kMinReserve = 8u << 20;
+  if (file_size_ < (1u << 20) || upto <= file_reserved_) return;
+  uint64_t target = std::min(file_size_, std::max(2 * upto, kMinReserve));
+  int r = ::posix_fallocate(file_.get(), 0, off_t(target));
+  if (r == ENOSPC || r == EDQUOT) throw_errno("no space for '" + file_path_ + "'", r);
+  file_reserved_ = target;
 }
 
 void DirWriter::file_data(const uint8_t* p, size_t n) {
   if (n > file_left_) throw Error(ErrorKind::kIntegrity, "more data than declared for '" + file_path_ + "'");
+  reserve_for(file_size_ - file_left_ + n);
   file_left_ -= n;
   file_crc_ = crc32_update(file_crc_, p, n);
   while (n > 0) {

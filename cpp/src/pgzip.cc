@@ -1080,6 +1080,9 @@ class JobRun {
     if (br.at_end()) return After::kStreamEnd;
     unsigned c = unsigned(br.peek() & 0xff);
     if (c == 0) {
+      // Hand out the member's end first: zeros may go on for long (a
+      // server that never stops), and the consumer decides when to stop.
+      publish_clean();
       while (!br.at_end())
         if (br.bits(8) != 0) fail_garbage();
       return After::kStreamEnd;

@@ -145,6 +145,16 @@ class FirstError {
   std::exception_ptr err_;
 };
 
+// Thrown through the source to close a transfer that goes on after the
+// archive ended (not an error: the archive is complete).
+struct PastTheEnd {};
+
+// A source without a declared length is read at most this far once the
+// archive's end has been decoded: a server that keeps sending must not keep
+// us reading. One with a length is read to it, so that the length, digest
+// and pin checks see the whole object.
+constexpr uint64_t kReadPastEnd = 1 << 20;
+
 }  // namespace
 
 ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, const PollFn& poll) {
@@ -161,6 +171,9 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
   CancelToken cancel;
   FirstError error;
   std::atomic<uint64_t> bytes_in{0}, bytes_out{0};
+  // bytes_in when the writer read the end-of-archive marker (UINT64_MAX: not yet).
+  std::atomic<uint64_t> in_at_end{UINT64_MAX};
+  std::atomic<bool> cut{false};  // the reader stopped past the end
   int running = 3;  // guarded by done_mu
   std::mutex done_mu;
   std::condition_variable done_cv;
@@ -204,14 +217,26 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
           [&] { return input_floor.load(std::memory_order_relaxed); },
           [&] { out.flush(); }};
       if (!sha) src.set_offset_sink(&offsets);  // a pinned sha256 needs the bytes in order
-      src.run(
-          [&](const uint8_t* p, size_t n) {
-            if (sha) sha->update(p, n);
-            bytes_in.fetch_add(n, std::memory_order_relaxed);
-            out.put(p, n);
-          },
-          cancel);
+      try {
+        src.run(
+            [&](const uint8_t* p, size_t n) {
+              const uint64_t end = in_at_end.load(std::memory_order_relaxed);
+              if (end != UINT64_MAX && bytes_in.load(std::memory_order_relaxed) - end >= kReadPastEnd &&
+                  src.expected_size() < 0)
+                throw PastTheEnd{};
+              if (sha) sha->update(p, n);
+              bytes_in.fetch_add(n, std::memory_order_relaxed);
+              out.put(p, n);
+            },
+            cancel);
+      } catch (const PastTheEnd&) {
+        cut = true;
+      }
       out.flush();
+      if (sha && cut)
+        throw Error(ErrorKind::kIntegrity, "sha256 of '" + src.describe() +
+                                               "' cannot be checked: the server went on sending past the end "
+                                               "of the archive and declared no length");
       if (sha) {
         stats.sha256 = sha->hex();
         if (stats.sha256 != opt.expected_sha256)
@@ -272,7 +297,7 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
       }
       if (cancel.cancelled()) throw Error(ErrorKind::kCancelled, "cancelled");
       if (!any) throw Error(ErrorKind::kIntegrity, "archive '" + src.describe() + "' is empty");
-      dec->finish(emit);
+      if (!cut) dec->finish(emit);  // cut: the stream goes on, but the archive is whole
       out.flush();
       stats.units = dec->units();
       stats.decode_threads = dec->parallelism();
@@ -294,6 +319,8 @@ ExtractStats extract(Source& src, int target_fd, const ExtractOptions& opt, cons
       while (auto chunk = decoded.pop()) {
         auto t = Clock::now();
         tar.feed(chunk->data(), chunk->size());
+        if (tar.ended() && in_at_end.load(std::memory_order_relaxed) == UINT64_MAX)
+          in_at_end.store(bytes_in.load());
         decoded_spares.give(std::move(chunk->bytes));
         bytes_out.store(dir.bytes(), std::memory_order_relaxed);
         busy += since(t);

@@ -49,11 +49,21 @@ std::string field_string(const uint8_t* f, size_t len) {
   return std::string(reinterpret_cast<const char*>(f), n);
 }
 
-bool is_zero_block(const uint8_t* b) {
-  for (int i = 0; i < 512; ++i)
-    if (b[i]) return false;
-  return true;
+bool all_zero(const uint8_t* p, size_t n) {
+  // Word by word: gigabytes of zeros may follow an archive.
+  uint64_t any = 0;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    any |= w;
+    if ((i & 4095) == 0 && any) return false;
+  }
+  for (; i < n; ++i) any |= p[i];
+  return any == 0;
 }
+
+bool is_zero_block(const uint8_t* b) { return all_zero(b, 512); }
 
 bool checksum_ok(const uint8_t* b) {
   uint64_t stored = parse_number(b + 148, 8, "header checksum");
@@ -100,7 +110,8 @@ void TarReader::feed(const uint8_t* p, size_t n) {
   while (n > 0) {
     switch (state_) {
       case State::kEnd:
-        return;  // anything after the end-of-archive marker is ignored
+        after_end(p, n);
+        return;
       case State::kData: {
         size_t take = size_t(std::min<uint64_t>(remaining_, n));
         if (take) sink_.file_data(p, take);
@@ -149,6 +160,17 @@ void TarReader::feed(const uint8_t* p, size_t n) {
       }
     }
   }
+}
+
+void TarReader::after_end(const uint8_t* p, size_t n) {
+  if (n > limits_.max_total_bytes - total_bytes_ - trailing_)
+    throw Error(ErrorKind::kLimit, "more than " + std::to_string(limits_.max_total_bytes) +
+                                       " bytes of members and data after the end-of-archive marker "
+                                       "(limit max_total_bytes)");
+  trailing_ += n;
+  if (!all_zero(p, n))
+    throw Error(ErrorKind::kIntegrity, "tar archive is corrupt: data other than zeros after the "
+                                       "end-of-archive marker");
 }
 
 void TarReader::on_header() {

@@ -479,12 +479,20 @@ TEST_CASE("tar: end-of-archive marker", "[tar]") {
   SECTION("a partial zero block at EOF") {
     CHECK(parse(body + std::string(512 + 100, '\0')).error == "kIntegrity");
   }
-  SECTION("data after the end is ignored") {
-    std::string junk = random_bytes(3000, 5) + file("after", "not seen");
+  SECTION("data after the end is corrupt, never read as members") {
+    std::string junk = std::string(3000, '\0') + file("after", "not seen");
     Parsed r = parse(body + kEnd + junk);
-    CHECK(r.error == "none");
+    CHECK(r.error == "kIntegrity");
     CHECK(r.events.size() == 3);
     CHECK(r.content.count("after") == 0);
+  }
+  SECTION("zeros after the end count against max_total_bytes") {
+    TarLimits limits;
+    limits.max_total_bytes = 5 + 4096;
+    CHECK(parse(body + kEnd + std::string(4096, '\0'), limits).error == "none");
+    Parsed r = parse(body + kEnd + std::string(4097, '\0'), limits, -1);
+    CHECK(r.error == "kLimit");
+    CHECK(!r.failed_in_finish);
   }
   SECTION("a lone zero block between members is corrupt") {
     CHECK(parse(body + std::string(512, '\0') + file("g", "x") + kEnd).error == "kIntegrity");
@@ -678,7 +686,7 @@ TEST_CASE("tar: byte-by-byte and random pieces give the same events as one piece
                     pax({{"path", pax_name}, {"size", "513"}}) + file("ignored", random_bytes(513, 2)) +
                     header(b256) + padded(random_bytes(777, 3)) + file("empty", "") +
                     file("block", random_bytes(1024, 4)) + extension('g', pax_record("c", "d")) +
-                    file("last", random_bytes(3, 5)) + kEnd + "trailing junk";
+                    file("last", random_bytes(3, 5)) + kEnd + std::string(700, '\0');
   Parsed whole = parse(tar);
   REQUIRE(whole.error == "none");
   REQUIRE(whole.events.size() == 13);

@@ -33,10 +33,11 @@ class DirWriter : public TarSink {
 
  private:
   int dir_fd(const std::string& rel);  // creates missing directories
+  void reserve_for(uint64_t upto);     // the current file's space, ahead of its data
   std::map<std::string, Fd> dirs_open_;
   Fd file_;
   std::string file_path_;
-  uint64_t file_left_ = 0, file_size_ = 0;
+  uint64_t file_left_ = 0, file_size_ = 0, file_reserved_ = 0;
   uint32_t file_crc_ = 0;
   std::map<std::string, FileInfo> written_;
   uint64_t files_ = 0, dirs_ = 0, bytes_ = 0;

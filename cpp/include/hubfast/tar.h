@@ -39,6 +39,10 @@ class TarReader {
   void finish();
   uint64_t members() const { return members_; }
   uint64_t member_bytes() const { return total_bytes_; }
+  // The end-of-archive marker has been read. What follows it must be zeros
+  // (record padding), and counts against max_total_bytes: a stream that goes
+  // on decoding after the archive ends is bounded like one inside it.
+  bool ended() const { return state_ == State::kEnd; }
 
   // Normalises an archive path (exposed for tests); throws kUnsafeArchive.
   static std::string normalize_path(const std::string& raw, size_t max_path);
@@ -46,6 +50,7 @@ class TarReader {
  private:
   enum class State { kHeader, kData, kPadding, kExtension, kEnd };
   void on_header();
+  void after_end(const uint8_t* p, size_t n);
   void start_member(char type, uint64_t size, uint32_t mode, std::string name);
   void on_extension_done();
 
@@ -65,6 +70,7 @@ class TarReader {
   std::string current_name_;   // for messages while streaming data
   uint64_t members_ = 0;
   uint64_t total_bytes_ = 0;
+  uint64_t trailing_ = 0;      // bytes after the end-of-archive marker
 };
 
 }  // namespace hubfast

@@ -458,6 +458,8 @@ class Fault:
     - ``Fault.garbage(n, data=None)``: append ``n`` extra bytes after the body, with
       ``Content-Length`` covering them.
     - ``Fault.ignore_range()``: ignore ``Range`` and answer 200 with the whole object.
+    - ``Fault.endless(upto, fill=b"\\0")``: no ``Content-Length``; after the body, ``fill`` over and
+      over until ``upto`` bytes more were sent or the client closes (a server that never stops).
 
     ``status`` and ``delay`` apply to any path (redirects and 404s included); body faults apply to
     objects. A fault is consumed by the GET that takes it, whether or not it had an effect.
@@ -482,6 +484,8 @@ class Fault:
     content_range_value: Optional[str] = None
     garbage_bytes: bytes = b""
     no_range: bool = False
+    endless_upto: int = 0
+    endless_fill: bytes = b"\0"
 
     @classmethod
     def status(
@@ -545,6 +549,12 @@ class Fault:
     @classmethod
     def ignore_range(cls) -> "Fault":
         return cls(no_range=True)
+
+    @classmethod
+    def endless(cls, upto: int, fill: bytes = b"\0") -> "Fault":
+        if upto <= 0 or not fill:
+            raise ValueError("endless needs upto > 0 and a non-empty fill")
+        return cls(endless_upto=int(upto), endless_fill=bytes(fill))
 
     def __or__(self, other: "Fault") -> "Fault":
         if not isinstance(other, Fault):
@@ -1060,7 +1070,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
         self.send_response(status)
         self.send_header("Content-Type", obj.content_type)
-        self.send_header("Content-Length", str(content_length))
+        endless = fault is not None and fault.endless_upto > 0
+        if not endless:  # endless: the body ends when the connection does
+            self.send_header("Content-Length", str(content_length))
         self.send_header("ETag", etag)
         self.send_header("Last-Modified", last_modified)
         self.send_header("Accept-Ranges", "bytes")
@@ -1089,7 +1101,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send_body(path, obj, start, body_len, fault)
         if garbage:
             self._write(path, garbage)
-        if close_after:
+        if endless:
+            assert fault is not None
+            fill = fault.endless_fill * max(1, _CHUNK // len(fault.endless_fill))
+            left = fault.endless_upto
+            while left > 0 and not self.server.hub._stop_event.is_set():
+                self._write(path, fill[:left])
+                left -= min(left, len(fill))
+        if close_after or endless:
             raise _Abort()
 
     def _send_body(self, path: str, obj: _Object, start: int, length: int, fault: Optional[Fault]) -> None:
