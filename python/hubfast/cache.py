@@ -121,11 +121,6 @@ def _lookup(handle: str, name: str, s: config.Settings,
     return None
 
 
-def _short(handle: str, width: int = 40) -> str:
-    """The handle as a progress-bar label: its tail when long."""
-    return handle if len(handle) <= width else "..." + handle[-(width - 3):]
-
-
 def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[dict] = None,
                 sha256: str = "", name: Optional[str] = None) -> Entry:
     """Returns the complete cache entry for `handle`, extracting `path` or `url` when needed."""
@@ -146,7 +141,7 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
             f"(searched: {searched}); unset it or fill a cache with `hubfast fetch`")
     limits = {"max_total_bytes": s.max_extract_bytes, "max_members": s.max_members,
               "decode_threads": s.decode_threads}
-    bar = progress.make_progress(_short(handle), s.show_progress)
+    bar = progress.make_progress(progress.label(handle), s.show_progress)
     swarm_opts, swarm_dir = None, None
     if url and s.swarm:
         from . import swarm  # noqa: PLC0415

@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.parse
 from typing import Callable, Optional
 
 ProgressFn = Callable[[int, int, int], None]
+
+
+def label(handle: str, width: int = 40) -> str:
+    """The handle as a progress-bar label: the last path components that fit in `width`
+    (a URL's scheme, host and query are left out: the tail names the model), ".../" before
+    them when some were left out."""
+    parsed = urllib.parse.urlsplit(handle)
+    path = parsed.path if parsed.scheme else handle
+    parts = [p for p in path.split("/") if p] or [handle]
+    tail = parts[-1]
+    for part in reversed(parts[:-1]):
+        if len(part) + 1 + len(tail) > width - 4:
+            break
+        tail = part + "/" + tail
+    if len(tail) > width - 4:  # one component longer than the bar's label: its end
+        tail = tail[-(width - 4):]
+    return tail if tail == "/".join(parts) else ".../" + tail
 
 
 def _fixed_size() -> dict:
