@@ -11,7 +11,8 @@ from . import errors
 from .cache import last_stats
 from .errors import (AccessDeniedError, ArchiveLimitError, DiskFullError, DownloadTimeoutError,
                      HTTPStatusError, HubfastError, IntegrityError, LockTimeoutError,
-                     NetworkError, NotFoundError, OfflineError, UnsafeArchiveError)
+                     NetworkError, NotAModelError, NotFoundError, OfflineError,
+                     UnsafeArchiveError)
 from .loading import load, resolve
 from .prefetch import Prefetch, prefetch
 from .tfhub_compat import install
@@ -25,7 +26,7 @@ __all__ = [
     "LatestModuleExporter", "register_resolver", "unregister_resolver", "Resolver", "last_stats", "errors",
     "HubfastError", "NotFoundError", "NetworkError", "HTTPStatusError", "IntegrityError",
     "UnsafeArchiveError", "ArchiveLimitError", "DiskFullError", "AccessDeniedError",
-    "DownloadTimeoutError", "LockTimeoutError", "OfflineError", "__version__",
+    "DownloadTimeoutError", "LockTimeoutError", "OfflineError", "NotAModelError", "__version__",
 ]
 
 _LAZY = {

@@ -120,10 +120,10 @@ def _emit_json(doc: Dict[str, Any]) -> None:
 
 
 def _cache_dir(args: argparse.Namespace) -> str:
-    from . import config  # noqa: PLC0415
+    from . import config, paths  # noqa: PLC0415
 
     if args.cache_dir:
-        path = os.path.abspath(os.path.expanduser(args.cache_dir))
+        path = os.path.abspath(os.path.expanduser(paths.local_path(args.cache_dir)))
         os.environ[config.CACHE_DIR_ENV] = path  # what resolve() and settings() read
         return path
     return os.path.abspath(config.settings().cache_dir)

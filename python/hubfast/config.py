@@ -11,6 +11,8 @@ import sys
 import tempfile
 from typing import Optional
 
+from . import paths
+
 # tensorflow_hub's variables (same meaning).
 CACHE_DIR_ENV = "TFHUB_CACHE_DIR"
 LOAD_FORMAT_ENV = "TFHUB_MODEL_LOAD_FORMAT"  # COMPRESSED | UNCOMPRESSED | AUTO
@@ -145,9 +147,12 @@ class Settings:
 
 
 def cache_dir() -> str:
-    """The writable cache root: TFHUB_CACHE_DIR, --tfhub_cache_dir, else $TMPDIR/tfhub_modules."""
-    return (os.environ.get(CACHE_DIR_ENV) or _absl_cache_dir()
-            or os.path.join(tempfile.gettempdir(), "tfhub_modules"))
+    """The writable cache root: TFHUB_CACHE_DIR, --tfhub_cache_dir, else $TMPDIR/tfhub_modules.
+
+    A ``file:///abs/path`` URL means ``/abs/path`` (tensorflow_hub passes it to tf.io.gfile).
+    """
+    return paths.local_path(os.environ.get(CACHE_DIR_ENV) or _absl_cache_dir()
+                            or os.path.join(tempfile.gettempdir(), "tfhub_modules"))
 
 
 def _mirrors() -> tuple:

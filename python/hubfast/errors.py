@@ -28,6 +28,7 @@ __all__ = [
     "DownloadTimeoutError",
     "LockTimeoutError",
     "OfflineError",
+    "NotAModelError",
 ]
 
 
@@ -174,6 +175,10 @@ class HTTPAccessDeniedError(AccessDeniedError, HTTPStatusError):
 
 class OfflineError(NotFoundError):
     """HUBFAST_OFFLINE is set and no cache layer holds the handle."""
+
+
+class NotAModelError(HubfastError, ValueError):
+    """The handle's directory holds no SavedModel (neither saved_model.pb nor .pbtxt)."""
 
 
 def _from_native(kind: str, message: str, code: int) -> BaseException:

@@ -8,10 +8,12 @@ import os
 import sys
 from typing import Any, Iterable, Iterator, Optional
 
+from . import errors
 from . import prefetch as _prefetch
 from . import resolvers
 
 TF1_MODULE_PROTO = "tfhub_module.pb"
+SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")  # a SavedModel has one of them
 
 
 def resolve(handle: resolvers.Handle, *, sha256: Optional[str] = None) -> str:
@@ -59,9 +61,14 @@ def load(handle: resolvers.Handle, tags: Optional[Iterable[str]] = None,
         entry = _resolve_entry(handle, sha256)
 
     with entry.in_use() as path:
-        proto = os.path.join(path, TF1_MODULE_PROTO)
         # gs:// and other remote paths (UNCOMPRESSED format) need TensorFlow's file system.
-        is_hub_module_v1 = (tf.io.gfile.exists(proto) if "://" in path else os.path.exists(proto))
+        exists = tf.io.gfile.exists if "://" in path else os.path.exists
+        if not any(exists(os.path.join(path, name)) for name in SAVED_MODEL_FILES):
+            raise errors.NotAModelError(
+                f"{handle}: {path} contains neither {SAVED_MODEL_FILES[0]} nor "
+                f"{SAVED_MODEL_FILES[1]}: not a SavedModel (an incomplete copy, or the "
+                "wrong directory)")
+        is_hub_module_v1 = exists(os.path.join(path, TF1_MODULE_PROTO))
         if tags is None and is_hub_module_v1:
             tags = []
         with _gc_paused():

@@ -24,6 +24,8 @@ import tensorflow as tf
 from tensorflow.core.framework import variable_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
+from . import paths
+
 logger = logging.getLogger("hubfast")
 
 __all__ = ["ModuleSpec", "ParsedTensorInfo", "add_signature", "attach_message",
@@ -545,7 +547,7 @@ def write_module(variants: Sequence[Variant], path: Union[str, "os.PathLike[str]
     module is written into a temporary sibling directory and renamed into place, so
     `path` never holds half a module. `path` must not exist or be an empty directory.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(paths.local_path(path))  # file:///abs/path too, as tensorflow_hub
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise FileExistsError(f"cannot export a module to {path}: it exists and is not an "
                               "empty directory")

@@ -39,10 +39,9 @@ import os
 import re
 import threading
 import urllib.parse
-import urllib.request
 from typing import Dict, List, Optional, Tuple, Union
 
-from . import cache, config, errors, mirrors
+from . import cache, config, errors, mirrors, paths
 
 Handle = Union[str, "os.PathLike[str]"]
 
@@ -158,12 +157,6 @@ def _check_sha256(value: str) -> str:
 
 
 # Helpers -----------------------------------------------------------------------------------
-
-
-def _local_path(handle: str) -> str:
-    if handle.startswith("file://"):
-        return urllib.request.url2pathname(urllib.parse.urlparse(handle).path)
-    return handle
 
 
 def is_archive_name(path: str) -> bool:
@@ -395,8 +388,8 @@ class LocalArchiveResolver(_PlannedResolver):
     """
 
     def is_supported(self, handle: str) -> bool:
-        path = _local_path(handle)
-        if handle.startswith("file://"):
+        path = paths.local_path(handle)
+        if paths.is_file_url(handle):
             return not os.path.isdir(path)
         return is_archive_name(path) and not os.path.isdir(path)
 
@@ -423,7 +416,7 @@ class LocalArchiveResolver(_PlannedResolver):
 
 def local_archive_handle(handle: str) -> str:
     """A local archive's handle as hubfast records it: its absolute real path."""
-    return os.path.realpath(_local_path(handle))
+    return os.path.realpath(paths.local_path(handle))
 
 
 # File systems TensorFlow (or tensorflow-io) reads: such paths are used in place.
@@ -451,12 +444,12 @@ class PathResolver(_PlannedResolver):
 
     def plan(self, handle: str, sha256: Optional[str] = None, *,
              settings: Optional[config.Settings] = None, credentials: bool = True) -> Plan:
-        return Plan(type(self).__name__, handle, None, _local_path(handle), "")
+        return Plan(type(self).__name__, handle, None, paths.local_path(handle), "")
 
     def resolve_entry(self, handle: str, sha256: Optional[str] = None) -> cache.Entry:
         if _is_remote_path(handle):
             return cache.Entry(handle, None, None)
-        path = _local_path(handle)
+        path = paths.local_path(handle)
         if not os.path.exists(path):
             raise errors.NotFoundError(
                 f"{handle} does not exist: not a local directory, and no resolver "
