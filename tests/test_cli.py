@@ -882,6 +882,8 @@ def test_serve_publishes_a_torrent_and_torrent_writes_the_same(archives, tmp_pat
         == t["info_hash_v1"]
     p = hf("torrent", str(tmp_path / "missing.tar.gz"), "--web-seed", "http://x/")
     assert p.returncode == 3 and "missing.tar.gz" in p.stderr
+    p = hf("serve", str(archive), "--seed")  # a seeder needs a tracker to announce to
+    assert p.returncode == 2 and "--tracker" in p.stderr
 
 
 def test_serve_an_archive_a_model_dir_and_a_mirror_dir(archives, model_dir, tmp_path):

@@ -90,15 +90,17 @@ def _require_swarm() -> None:
 
 
 def test_swarm_row(cluster):
-    """Swarm mode: every host gets the published torrent, pieces come from peers as well as
-    from the web seed (the origin sends less than a copy per host), and every tree is
+    """Swarm mode: every host gets the published torrent, pieces come from the other hosts
+    as well as from the origin (which sends less than a copy per host), and every tree is
     byte-identical."""
     _require_swarm()
     size = cluster.archive.stat().st_size
     before = cluster.origin_stats()["torrent_gets"]
-    swarm = cluster.swarm_row()
+    swarm = cluster.swarm_row()  # the origin seeds too (hubfast serve --seed)
     assert swarm["identical"], swarm
-    assert cluster.origin_stats()["torrent_gets"] - before == HOSTS + 1  # each host asked
+    after = cluster.origin_stats()
+    assert after["torrent_gets"] - before == HOSTS + 1  # each host asked
+    assert after["seeded_bytes"] > 0  # the origin's seeder took part
     assert size <= swarm["origin_bytes"] <= 0.9 * HOSTS * size, swarm
 
 
@@ -115,3 +117,23 @@ def test_swarm_tracker_down_falls_back_to_web_seed(cluster):
     assert all(r["fingerprint"] == cluster.want for r in results)
     assert sent1["torrent_gets"] - sent0["torrent_gets"] == len(hosts)
     assert sent1["body_bytes"] - sent0["body_bytes"] >= len(hosts) * size
+
+
+def test_swarm_host_killed_mid_download_and_a_late_joiner(cluster, tmp_path):
+    """One host gets SIGKILL mid-swarm: the others finish, and its next run (same cache)
+    recovers, leaving no temp or swarm directory behind. A host that joins after all have
+    finished gets the archive from the origin's seeder."""
+    _require_swarm()
+    cluster.seed_at_origin()
+    caches = [tmp_path / f"h{i}" for i in range(HOSTS)]
+    results = cluster.resolve_all(cluster.clients, cluster.swarm_env, caches=caches,
+                                  kill={0: 1.0})
+    assert results[0] == {"killed": True}
+    assert all(r["fingerprint"] == cluster.want for r in results[1:])
+    (again,) = cluster.resolve_all(cluster.clients[:1], cluster.swarm_env, caches=caches[:1])
+    assert again["fingerprint"] == cluster.want
+    leftovers = [n for n in os.listdir(caches[0]) if ".swarm-" in n or n.endswith(".tmp")]
+    assert leftovers == [], leftovers
+
+    (late,) = cluster.resolve_all(cluster.clients[1:2], cluster.swarm_env)  # fresh cache
+    assert late["fingerprint"] == cluster.want

@@ -128,7 +128,7 @@ SwarmOptions swarm_options(const py::dict& d) {
   static const char* known[] = {"torrent", "trackers", "web_seeds", "save_dir", "interface",
                                 "listen_port", "dht", "lsd", "upnp", "natpmp",
                                 "require_encryption", "urlseed_max_request_bytes",
-                                "upload_rate_limit", "stall_timeout"};
+                                "upload_rate_limit", "stall_timeout", "web_seed_delay"};
   for (auto item : d) {
     std::string k = py::str(item.first);
     if (std::find(std::begin(known), std::end(known), k) == std::end(known))
@@ -149,6 +149,7 @@ SwarmOptions swarm_options(const py::dict& d) {
   maybe(d, "urlseed_max_request_bytes", &o.urlseed_max_request_bytes);
   maybe(d, "upload_rate_limit", &o.upload_rate_limit);
   maybe(d, "stall_timeout", &o.stall_timeout);
+  maybe(d, "web_seed_delay", &o.web_seed_delay);
   return o;
 }
 
@@ -297,6 +298,13 @@ PYBIND11_MODULE(_core, m) {
       py::arg("path"), py::kw_only(), py::arg("web_seeds") = std::vector<std::string>(),
       py::arg("trackers") = std::vector<std::string>(), py::arg("piece_bytes") = 0,
       "A hybrid (v1+v2) torrent of one file: {data, info_hash_v1, info_hash_v2, piece_bytes}.");
+  py::class_<Seeder>(m, "Seeder", "Seeds complete archives to their swarms until closed.")
+      .def(py::init([](py::dict options) { return std::make_unique<Seeder>(swarm_options(options)); }),
+           py::arg("options"))
+      .def("add", &Seeder::add, py::arg("torrent"), py::arg("file"), py::arg("super_seeding") = true,
+           py::call_guard<py::gil_scoped_release>())
+      .def("uploaded", &Seeder::uploaded)
+      .def("peers", &Seeder::peers);
   m.def(
       "parse_torrent", [](py::bytes data) { return torrent_dict(parse_torrent(std::string(data))); },
       py::arg("data"), "Checks a .torrent: {data, info_hash_v1, info_hash_v2, piece_bytes}.");

@@ -16,4 +16,11 @@ Torrent make_torrent(const std::string&, const std::vector<std::string>&,
 Torrent parse_torrent(const std::string&) { off(); }
 std::unique_ptr<Source> make_swarm_source(const SwarmOptions&) { off(); }
 
+struct Seeder::Impl {};
+Seeder::Seeder(const SwarmOptions&) { off(); }
+Seeder::~Seeder() = default;
+void Seeder::add(const std::string&, const std::string&, bool) { off(); }
+int64_t Seeder::uploaded() const { return 0; }
+int Seeder::peers() const { return 0; }
+
 }  // namespace hubfast

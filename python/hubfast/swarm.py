@@ -77,10 +77,39 @@ def swarm_options(archive_url: str, save_dir: str,
             "require_encryption": s.swarm_encryption, "stall_timeout": s.stall_timeout * 2}
 
 
+def seeder(interface: str = "", trackers: Optional[List[str]] = None,
+           s: Optional[config.Settings] = None) -> "_core.Seeder":
+    """A seeder on ``interface`` ("" or 0.0.0.0: any), announcing to ``trackers``."""
+    s = s or config.settings()
+    return _core.Seeder({"interface": "" if interface in ("", "0.0.0.0") else interface,
+                         "trackers": list(trackers or []) or ([s.swarm] if s.swarm else []),
+                         "dht": "dht" in s.swarm_discovery, "lsd": "lsd" in s.swarm_discovery,
+                         "upnp": "upnp" in s.swarm_discovery,
+                         "natpmp": "natpmp" in s.swarm_discovery,
+                         "require_encryption": s.swarm_encryption})
+
+
 def work_dir(cache_root: str, name: str) -> str:
-    """A private directory beside the entry for the archive while it downloads."""
+    """A private directory beside the entry for the archive while it downloads, named
+    ``.<entry>.swarm-<pid>-<random>``; those of processes that died (kill -9) go first."""
     os.makedirs(cache_root, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{name}.swarm-", dir=cache_root)
+    prefix = f".{name}.swarm-"
+    for n in os.listdir(cache_root):
+        if not n.startswith(prefix):
+            continue
+        pid = n[len(prefix):].split("-", 1)[0]
+        full = os.path.join(cache_root, n)
+        try:
+            st = os.lstat(full)
+            if not pid.isdigit() or st.st_uid != os.geteuid() or not os.path.isdir(full) \
+                    or os.path.islink(full):
+                continue
+            os.kill(int(pid), 0)  # alive: its directory stays
+        except ProcessLookupError:
+            shutil.rmtree(full, ignore_errors=True)
+        except OSError:
+            continue
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=cache_root)
 
 
 def remove_work_dir(path: str) -> None:

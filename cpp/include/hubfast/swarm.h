@@ -44,8 +44,33 @@ struct SwarmOptions {
   int urlseed_max_request_bytes = 256 << 10;  // smaller requests spread the web seed's load
   int upload_rate_limit = 0;           // bytes/s, 0: none
   double stall_timeout = 60;           // seconds without a verified piece: kTimeout
+  // Web seeds join only after this many seconds without a verified piece, so
+  // that hosts take from seeding peers first and the origin sends less.
+  double web_seed_delay = 2;
 };
 
 std::unique_ptr<Source> make_swarm_source(const SwarmOptions& opt);
+
+// Seeds complete archives to a swarm until destroyed (the mirror, `hubfast
+// serve --seed`). Network options from SwarmOptions; torrent, save_dir and web
+// seeds there are ignored.
+class Seeder {
+ public:
+  explicit Seeder(const SwarmOptions& opt);
+  ~Seeder();
+  Seeder(const Seeder&) = delete;
+  Seeder& operator=(const Seeder&) = delete;
+  // `file` holds the torrent's one file, trusted (pieces are checked as they go
+  // out). super_seeding (BEP 16): each peer is offered pieces no one else has,
+  // so the seeder sends each piece about once and the peers spread it.
+  void add(const std::string& torrent, const std::string& file, bool super_seeding);
+  int64_t uploaded() const;  // payload bytes sent to peers so far
+  int peers() const;         // peers connected now
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::vector<std::string> trackers_;
+};
 
 }  // namespace hubfast

@@ -96,6 +96,7 @@ class Cluster:
             self.net.close()
             raise
         self._round = 0
+        self.super_seeding = os.environ.get("HUBFAST_BENCH_SUPER_SEED") == "1"
 
     def origin_stats(self) -> Dict[str, int]:
         """What the origin served so far: ``body_bytes`` of the archive, ``torrent_gets``."""
@@ -104,18 +105,23 @@ class Cluster:
         return _read_json(self._origin_agent, 30)
 
     def origin_bytes(self) -> int:
-        return int(self.origin_stats()["body_bytes"])
+        """What the origin sent: archive bytes over HTTP and, once it seeds, to peers."""
+        st = self.origin_stats()
+        return int(st["body_bytes"]) + int(st["seeded_bytes"])
 
     def resolve_all(self, hosts: List[netsim.Host], env: Optional[Any] = None,
-                    timeout: float = 600) -> List[Dict[str, Any]]:
-        """Cold resolves on ``hosts`` (fresh caches), released together. Each result:
-        ``ready_s``, ``path``, ``fingerprint``."""
+                    timeout: float = 600, caches: Optional[List[Path]] = None,
+                    kill: Optional[Dict[int, float]] = None) -> List[Dict[str, Any]]:
+        """Cold resolves on ``hosts`` (fresh caches unless ``caches``), released together.
+        Each result: ``ready_s``, ``path``, ``fingerprint``, ``cache``. ``kill``: {index:
+        seconds}: that host's process gets SIGKILL so long after the start (its result:
+        ``{"killed": True}``)."""
         self._round += 1
         agents = []
         try:
-            for h in hosts:
-                cache = self.work / f"round{self._round}" / h.name
-                cache.mkdir(parents=True)
+            for i, h in enumerate(hosts):
+                cache = caches[i] if caches else self.work / f"round{self._round}" / h.name
+                cache.mkdir(parents=True, exist_ok=True)
                 extra = env(h) if callable(env) else (env or {})
                 e = dict(self.env, TFHUB_CACHE_DIR=str(cache), **extra)
                 agents.append(h.popen([sys.executable, "-m", "hubfast.testing.cluster",
@@ -128,10 +134,19 @@ class Cluster:
             for a in agents:
                 a.stdin.write("go\n")  # type: ignore[union-attr]
                 a.stdin.flush()  # type: ignore[union-attr]
+            for i, after in sorted((kill or {}).items(), key=lambda kv: kv[1]):
+                time.sleep(max(0.0, t0 + after - time.time()))
+                agents[i].kill()
+                agents[i].wait()
             out = []
-            for a in agents:
+            for i, a in enumerate(agents):
+                if kill and i in kill:
+                    out.append({"killed": True})
+                    continue
                 doc = _read_json(a, timeout)
                 doc["ready_s"] = doc.pop("end") - t0
+                doc["cache"] = str(caches[i] if caches else
+                                   self.work / f"round{self._round}" / hosts[i].name)
                 out.append(doc)
                 a.stdin.close()  # type: ignore[union-attr]
                 a.wait(timeout=30)
@@ -216,7 +231,17 @@ class Cluster:
     def swarm_env(self, host: netsim.Host) -> Dict[str, str]:
         return {"HUBFAST_SWARM": self.start_tracker(), "HUBFAST_SWARM_INTERFACE": host.ip}
 
+    def seed_at_origin(self) -> None:
+        """The origin also seeds, as a super-seeding peer (``hubfast serve --seed``)."""
+        if not getattr(self, "_origin_seeds", False):
+            how = "super" if self.super_seeding else "plain"
+            self._origin_agent.stdin.write(f"seed {how} {self.start_tracker()}\n")  # type: ignore
+            self._origin_agent.stdin.flush()  # type: ignore[union-attr]
+            _read_json(self._origin_agent, 30)
+            self._origin_seeds = True
+
     def swarm_row(self) -> Dict[str, Any]:
+        self.seed_at_origin()
         return self.row("swarm", self.swarm_env)
 
     def close(self) -> None:
@@ -252,7 +277,7 @@ def _origin(ip: str, port: int, archive: str) -> None:
     server.precompute_digests()
     server.start()
     try:
-        hashes = []
+        hashes, t, seeder = [], None, None
         from .. import _core, swarm  # noqa: PLC0415
 
         if _core.have_swarm():  # as `hubfast serve` does, but before the first client
@@ -261,11 +286,18 @@ def _origin(ip: str, port: int, archive: str) -> None:
         print(json.dumps({"url": server.url_for(HANDLE_PATH), "info_hashes": hashes}),
               flush=True)
         for line in sys.stdin:
-            if line.strip() == "stats":  # the archive's bytes only (not the torrent's)
+            cmd = line.split()
+            if cmd == ["stats"]:  # the archive's bytes only (not the torrent's)
                 st = server.stats
                 print(json.dumps({"body_bytes": st.path(HANDLE_PATH).body_bytes,
+                                  "seeded_bytes": seeder.uploaded() if seeder else 0,
                                   "torrent_gets": st.path(HANDLE_PATH + ".torrent").gets}),
                       flush=True)
+            elif cmd[:1] == ["seed"] and t is not None and seeder is None:
+                # As `hubfast serve --seed`: a super-seeding peer on the origin's address.
+                seeder = swarm.seeder(ip, cmd[2:])
+                seeder.add(t["data"], archive, super_seeding=cmd[1] == "super")
+                print(json.dumps({"seeding": True}), flush=True)
     finally:
         server.close()
 
