@@ -137,3 +137,33 @@ def test_swarm_host_killed_mid_download_and_a_late_joiner(cluster, tmp_path):
 
     (late,) = cluster.resolve_all(cluster.clients[1:2], cluster.swarm_env)  # fresh cache
     assert late["fingerprint"] == cluster.want
+
+
+def test_swarm_bans_a_peer_that_sends_corrupt_pieces(cluster, tmp_path):
+    """A peer claims every piece and answers each request with random bytes: the hosts'
+    hash checks reject its pieces and ban it, and every tree is still right."""
+    _require_swarm()
+    import json
+
+    from hubfast import _core
+    from hubfast.testing.cluster import _read_json
+
+    cluster.seed_at_origin()
+    announce = cluster.start_tracker()
+    torrent = tmp_path / "m.torrent"  # the same info-hash as the origin's: same file
+    torrent.write_bytes(_core.make_torrent(str(cluster.archive))["data"])
+    bad = cluster.proxy.popen(
+        [sys.executable, "-m", "hubfast.testing.bad_peer", str(torrent), announce,
+         cluster.proxy.ip, "6881", str(cluster.archive.stat().st_size)],
+        env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _read_json(bad, 30) == {"listening": True}
+        results = cluster.resolve_all(cluster.clients[:2], cluster.swarm_env)
+    finally:
+        bad.kill()
+        out, _ = bad.communicate()
+    assert all(r["fingerprint"] == cluster.want for r in results)
+    sent = sum(json.loads(line)["blocks_sent"] for line in out.splitlines() if line)
+    failures = sum(r["swarm"].get("swarm_hash_failures", 0) for r in results)
+    banned = sum(r["swarm"].get("swarm_banned_peers", 0) for r in results)
+    assert sent > 0 and failures >= 1 and banned >= 1, (sent, results)

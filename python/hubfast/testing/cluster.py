@@ -310,7 +310,9 @@ def _client(handle: str) -> None:
         return
     path = hubfast.resolve(handle)
     end = time.time()
-    print(json.dumps({"end": end, "path": path, "fingerprint": tree_fingerprint(path)}),
+    source = hubfast.last_stats().get("source", {})
+    print(json.dumps({"end": end, "path": path, "fingerprint": tree_fingerprint(path),
+                      "swarm": {k: v for k, v in source.items() if k.startswith("swarm_")}}),
           flush=True)
     sys.stdin.read()  # stay until released (a seeding host keeps serving)
 
