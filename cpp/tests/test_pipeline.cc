@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "compressors.h"
 #include "hubfast/error.h"
 #include "hubfast/extract.h"
 #include "hubfast/fd.h"
@@ -38,6 +39,9 @@
 using namespace hubfast;
 
 namespace {
+
+using testing::bzip2;
+using testing::gzip;
 
 using testing::TempDir;
 
@@ -69,20 +73,6 @@ std::string tar_dir(const std::string& name) { return tar_header(name, '5', 0, 0
 
 const std::string kEnd(1024, '\0');
 
-std::string gzip(const std::string& in) {
-  z_stream zs{};
-  REQUIRE(deflateInit2(&zs, 6, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) == Z_OK);
-  std::string out(deflateBound(&zs, uLong(in.size())) + 64, '\0');
-  zs.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(in.data()));
-  zs.avail_in = uInt(in.size());
-  zs.next_out = reinterpret_cast<Bytef*>(&out[0]);
-  zs.avail_out = uInt(out.size());
-  REQUIRE(deflate(&zs, Z_FINISH) == Z_STREAM_END);
-  out.resize(zs.total_out);
-  deflateEnd(&zs);
-  return out;
-}
-
 // Frames of about `frame` bytes each, as pzstd/zstdmt-style writers make them.
 std::string zstd_frames(const std::string& in, size_t frame) {
   std::string out;
@@ -93,15 +83,6 @@ std::string zstd_frames(const std::string& in, size_t frame) {
     REQUIRE(!ZSTD_isError(r));
     out.append(buf.data(), r);
   }
-  return out;
-}
-
-std::string bzip2(const std::string& in) {
-  unsigned cap = unsigned(in.size() + in.size() / 100 + 600);
-  std::string out(cap, '\0');
-  REQUIRE(BZ2_bzBuffToBuffCompress(&out[0], &cap, const_cast<char*>(in.data()), unsigned(in.size()), 9, 0, 30) ==
-          BZ_OK);
-  out.resize(cap);
   return out;
 }
 
