@@ -23,7 +23,10 @@ __version__ = "0.1.0"
 __all__ = [
     "load", "resolve", "prefetch", "Prefetch", "install", "KerasLayer", "Module", "ModuleSpec",
     "create_module_spec", "add_signature", "attach_message", "load_module_spec", "eval_function_for_module",
-    "LatestModuleExporter", "register_resolver", "unregister_resolver", "Resolver", "last_stats", "errors",
+    "LatestModuleExporter", "register_module_for_export", "create_module_spec_from_saved_model",
+    "text_embedding_column", "text_embedding_column_v2", "sparse_text_embedding_column",
+    "image_embedding_column", "get_expected_image_size", "get_num_image_channels",
+    "attach_image_module_info", "ImageModuleInfo", "register_resolver", "unregister_resolver", "Resolver", "last_stats", "errors",
     "HubfastError", "NotFoundError", "NetworkError", "HTTPStatusError", "IntegrityError",
     "UnsafeArchiveError", "ArchiveLimitError", "DiskFullError", "AccessDeniedError",
     "DownloadTimeoutError", "LockTimeoutError", "OfflineError", "NotAModelError", "__version__",
@@ -40,7 +43,22 @@ _LAZY = {
     "load_module_spec": (".module_v1", "load_module_spec"),
     "eval_function_for_module": (".module_v1", "eval_function_for_module"),
     "LatestModuleExporter": (".module_v1", "LatestModuleExporter"),
+    "register_module_for_export": (".module_v1", "register_module_for_export"),
+    "create_module_spec_from_saved_model": (".module_v1", "create_module_spec_from_saved_model"),
+    # Feature columns and image-module helpers of tensorflow_hub 0.15.
+    "text_embedding_column": (".feature_column", "text_embedding_column"),
+    "text_embedding_column_v2": (".feature_column", "text_embedding_column_v2"),
+    "sparse_text_embedding_column": (".feature_column", "sparse_text_embedding_column"),
+    "image_embedding_column": (".feature_column", "image_embedding_column"),
+    "get_expected_image_size": (".image_util", "get_expected_image_size"),
+    "get_num_image_channels": (".image_util", "get_num_image_channels"),
+    "attach_image_module_info": (".image_util", "attach_image_module_info"),
+    "ImageModuleInfo": (".image_util", "ImageModuleInfo"),
 }
+
+# Submodules that import TensorFlow, reachable as attributes (hub.feature_column) like
+# tensorflow_hub's.
+_LAZY_SUBMODULES = ("feature_column", "image_util", "module_v1", "module_spec", "keras_layer")
 
 
 def __getattr__(name: str) -> Any:
@@ -52,4 +70,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(mod, __name__), attr)
         globals()[name] = value
         return value
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module 'hubfast' has no attribute {name!r}")

@@ -29,7 +29,7 @@ from . import paths
 logger = logging.getLogger("hubfast")
 
 __all__ = ["ModuleSpec", "ParsedTensorInfo", "add_signature", "attach_message",
-           "create_module_spec", "load_module_spec"]
+           "create_module_spec", "create_module_spec_from_saved_model", "load_module_spec"]
 
 v1 = tf.compat.v1
 
@@ -515,23 +515,67 @@ def load_module_spec(path: Union[str, "os.PathLike[str]"]) -> ModuleSpec:
                              "hubfast.KerasLayer instead")
         with tf.io.gfile.GFile(module_def, "rb") as f:
             _check_module_def(f.read(), handle)
-        saved_model = saved_model_pb2.SavedModel()
-        pb = os.path.join(d, "saved_model.pb")
-        if tf.io.gfile.exists(pb):
-            with tf.io.gfile.GFile(pb, "rb") as f:
-                saved_model.ParseFromString(f.read())
-        else:
-            from google.protobuf import text_format
+        variants, prefix = _read_saved_model(d)
+    return ModuleSpec(variants, prefix, source=handle)
 
-            with tf.io.gfile.GFile(os.path.join(d, "saved_model.pbtxt"), "r") as f:
-                text_format.Parse(f.read(), saved_model)
-        variants = []
-        for mg in saved_model.meta_graphs:
-            _patch_assets(mg, os.path.join(d, "assets"))
-            variants.append(Variant(mg.meta_info_def.tags, mg))
-        prefix = os.path.join(d, "variables", "variables")
-        has_ckpt = tf.io.gfile.exists(prefix + ".index")
-    return ModuleSpec(variants, prefix if has_ckpt else None, source=handle)
+
+def _read_saved_model(d: str) -> Tuple[List[Variant], Optional[str]]:
+    """The graph variants of the TF1 SavedModel in `d` (asset paths made absolute) and its
+    checkpoint prefix (None without variables)."""
+    saved_model = saved_model_pb2.SavedModel()
+    pb = os.path.join(d, "saved_model.pb")
+    if tf.io.gfile.exists(pb):
+        with tf.io.gfile.GFile(pb, "rb") as f:
+            saved_model.ParseFromString(f.read())
+    else:
+        from google.protobuf import text_format
+
+        with tf.io.gfile.GFile(os.path.join(d, "saved_model.pbtxt"), "r") as f:
+            text_format.Parse(f.read(), saved_model)
+    variants = []
+    for mg in saved_model.meta_graphs:
+        _patch_assets(mg, os.path.join(d, "assets"))
+        variants.append(Variant(mg.meta_info_def.tags, mg))
+    prefix = os.path.join(d, "variables", "variables")
+    return variants, prefix if tf.io.gfile.exists(prefix + ".index") else None
+
+
+# A serving SavedModel's collections that a module does without: its saver (rebuilt), and its
+# init ops (hub.Module initializes variables and tables itself).
+_SAVED_MODEL_DROPPED = ("savers", v1.saved_model.constants.LEGACY_INIT_OP_KEY,
+                        v1.saved_model.constants.MAIN_OP_KEY)
+
+
+def create_module_spec_from_saved_model(saved_model_path: Union[str, "os.PathLike[str]"],
+                                        drop_collections: Optional[Iterable[str]] = None
+                                        ) -> ModuleSpec:
+    """A :class:`ModuleSpec` from a TF1 SavedModel (e.g. written by
+    ``tf.compat.v1.saved_model.Builder``): its meta graphs become the graph variants, its
+    signatures the module's. Its init ops are dropped; other collections that hub.Module
+    cannot restore must be named in `drop_collections` (ValueError otherwise). Exporting the
+    spec writes a TF1 Hub module."""
+    from . import resolvers
+
+    handle = os.fspath(saved_model_path)
+    entry = resolvers.resolve_entry(handle)
+    with entry.in_use() as d:
+        if not (tf.io.gfile.exists(os.path.join(d, "saved_model.pb"))
+                or tf.io.gfile.exists(os.path.join(d, "saved_model.pbtxt"))):
+            raise ValueError(f"{handle} contains neither saved_model.pb nor saved_model.pbtxt")
+        variants, prefix = _read_saved_model(d)
+    drop = set(_SAVED_MODEL_DROPPED) | set(drop_collections or ())
+    for v in variants:
+        if not v.meta_graph.signature_def:
+            raise ValueError(f"{handle}: the meta graph with tags {_tags_str(v.tags)} has no "
+                             "signatures")
+        for key in drop:
+            if key in v.meta_graph.collection_def:
+                del v.meta_graph.collection_def[key]
+        unsupported = sorted(set(v.meta_graph.collection_def) - SUPPORTED_COLLECTIONS)
+        if unsupported:
+            raise ValueError(f"Unsupported collections in graph: {unsupported}; pass "
+                             f"drop_collections={unsupported} to leave them out")
+    return ModuleSpec(variants, prefix, source=handle)
 
 
 # ---------------------------------------------------------------------------------------------

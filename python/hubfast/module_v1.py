@@ -38,13 +38,13 @@ from tensorflow.core.framework import graph_pb2
 from tensorflow.python.framework import op_def_registry
 
 from .module_spec import (ModuleSpec, ParsedTensorInfo, Variant, add_signature, attach_message,
-                          create_module_spec, load_module_spec, tensor_names, write_module)
+                          create_module_spec, create_module_spec_from_saved_model, load_module_spec, tensor_names, write_module)
 
 logger = logging.getLogger("hubfast")
 
 __all__ = ["Module", "ModuleSpec", "ParsedTensorInfo", "LatestModuleExporter", "add_signature",
-           "attach_message",
-           "create_module_spec", "load_module_spec", "eval_function_for_module"]
+           "attach_message", "create_module_spec_from_saved_model", "register_module_for_export",
+           "export_registered_modules", "create_module_spec", "load_module_spec", "eval_function_for_module"]
 
 v1 = tf.compat.v1
 
@@ -595,6 +595,35 @@ def eval_function_for_module(spec: Union[ModuleSpec, str], tags: Optional[Any] =
                 return out if as_dict else out["default"]
 
             yield func
+
+
+# Graph collection of (export_name, Module) pairs: register_module_for_export.
+_EXPORT_COLLECTION = "hubfast_modules_for_export"
+
+
+def register_module_for_export(module: Module, export_name: str) -> None:
+    """Registers `module` to be exported as `export_name` by
+    :func:`export_registered_modules` (tensorflow_hub's LatestModuleExporter, a tf.estimator
+    exporter, is gone with tf.estimator). ValueError if the name is taken in this graph."""
+    if not isinstance(module, Module):
+        raise TypeError(f"expected a hubfast Module, got {module!r}")
+    for used, _ in v1.get_collection(_EXPORT_COLLECTION):
+        if used == export_name:
+            raise ValueError(f"There is already a module registered to be exported as "
+                             f"{export_name!r}")
+    v1.add_to_collection(_EXPORT_COLLECTION, (export_name, module))
+
+
+def export_registered_modules(export_dir: Union[str, "os.PathLike[str]"], session: Any
+                              ) -> Dict[str, str]:
+    """Exports every module registered in the session's graph to ``export_dir/<name>``, with
+    the variables' values in `session`; returns name -> path."""
+    out = {}
+    for name, module in session.graph.get_collection(_EXPORT_COLLECTION):
+        path = os.path.join(os.fspath(export_dir), name)
+        module.export(path, session)
+        out[name] = path
+    return out
 
 
 class LatestModuleExporter:
