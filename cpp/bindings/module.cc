@@ -5,6 +5,9 @@
 #include <pybind11/stl.h>
 
 #include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <algorithm>
 
@@ -15,6 +18,7 @@
 #include "hubfast/lock.h"
 #include "hubfast/pipeline.h"
 #include "hubfast/swarm.h"
+#include "hubfast/tree.h"
 
 namespace py = pybind11;
 using namespace hubfast;
@@ -325,6 +329,28 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("root"), py::arg("name"), py::arg("deep") = false,
       "Problems found in an entry (empty list: fine): sizes, and with deep=True CRC32s.");
+  m.def(
+      "tree_size",
+      [](const std::string& path) {
+        py::gil_scoped_release nogil;
+        Fd dir(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+        if (!dir) return uint64_t(0);  // gone, or not a directory
+        uint64_t total = 0;
+        for (auto& f : list_tree(dir.get())) total += f.size;
+        return total;
+      },
+      py::arg("path"), "Bytes in the regular files beneath `path` (no links followed).");
+  m.def(
+      "remove_tree",
+      [](const std::string& path) {
+        py::gil_scoped_release nogil;
+        size_t slash = path.rfind('/');
+        std::string parent = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+        Fd pfd(::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+        if (!pfd) throw_errno("cannot open '" + parent + "'", errno);
+        remove_tree_at(pfd.get(), path.substr(slash + 1));
+      },
+      py::arg("path"), "Removes `path` and the tree beneath it, following no link.");
   m.def("lock_path", &lock_path, py::arg("root"), py::arg("name"));
   m.def("use_lock_path", &use_lock_path, py::arg("root"), py::arg("name"));
   m.def("manifest_path", &manifest_path, py::arg("root"), py::arg("name"));

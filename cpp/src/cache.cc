@@ -21,13 +21,15 @@
 #include "hubfast/error.h"
 #include "hubfast/extract.h"
 #include "hubfast/tfhub_lock.h"
+#include "hubfast/tree.h"
 
 namespace hubfast {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-constexpr const char* kManifestMagic = "hubfast-manifest 1";
+constexpr const char* kManifestMagic = "hubfast-manifest 2";
+constexpr const char* kManifestMagicV1 = "hubfast-manifest 1";  // no end line: still read
 
 std::string join(const std::string& a, const std::string& b) { return a + "/" + b; }
 
@@ -46,17 +48,22 @@ std::string escape(const std::string& s) {
   return o;
 }
 
-std::string unescape(const std::string& s) {
-  std::string o;
+// False for a bad escape or a path that is empty, absolute or climbs out ("..").
+bool unescape(const std::string& s, std::string* out) {
+  std::string& o = *out;
+  o.clear();
   for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '%' && i + 2 < s.size()) {
-      o.push_back(char(std::stoi(s.substr(i + 1, 2), nullptr, 16)));
-      i += 2;
-    } else {
+    if (s[i] != '%') {
       o.push_back(s[i]);
+      continue;
     }
+    auto hex = [](char c) { return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1; };
+    if (i + 2 >= s.size() || hex(s[i + 1]) < 0 || hex(s[i + 2]) < 0) return false;
+    o.push_back(char(hex(s[i + 1]) * 16 + hex(s[i + 2])));
+    i += 2;
   }
-  return o;
+  if (o.empty() || o[0] == '/') return false;
+  return ("/" + o + "/").find("/../") == std::string::npos;
 }
 
 struct ManifestFile {
@@ -72,72 +79,81 @@ struct Manifest {
   std::string archive_sha256;
 };
 
-bool read_manifest(const std::string& path, Manifest* m) {
-  std::ifstream in(path);
-  if (!in) return false;
-  std::string line;
-  if (!std::getline(in, line) || line != kManifestMagic) return false;
-  while (std::getline(in, line)) {
-    if (line.size() < 2) continue;
-    std::istringstream ls(line.substr(2));
+enum class ManifestRead { kNone, kBad, kOk };
+
+bool parse_u64(const std::string& t, int base, uint64_t* out) {
+  if (t.empty() || t.size() > 20) return false;
+  uint64_t v = 0;
+  for (char c : t) {
+    int d = (c >= '0' && c <= '9') ? c - '0' : (base == 16 && c >= 'a' && c <= 'f') ? c - 'a' + 10 : -1;
+    if (d < 0 || v > (UINT64_MAX - uint64_t(d)) / uint64_t(base)) return false;
+    v = v * uint64_t(base) + uint64_t(d);
+  }
+  *out = v;
+  return true;
+}
+
+// Splits off the next space-separated field of `rest`.
+std::string field(std::string* rest) {
+  size_t sp = rest->find(' ');
+  std::string f = rest->substr(0, sp);
+  rest->erase(0, sp == std::string::npos ? rest->size() : sp + 1);
+  return f;
+}
+
+// kNone: no manifest (tensorflow_hub's entry). kBad: one that doesn't parse, or was cut
+// short (every line ends in a newline; version 2 ends with "e <file count>").
+ManifestRead read_manifest(const std::string& path, Manifest* m) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return errno == ENOENT ? ManifestRead::kNone : ManifestRead::kBad;
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad() || text.empty() || text.back() != '\n') return ManifestRead::kBad;
+  size_t pos = text.find('\n');
+  std::string magic = text.substr(0, pos);
+  bool v2 = magic == kManifestMagic;
+  if (!v2 && magic != kManifestMagicV1) return ManifestRead::kBad;
+  bool ended = false;
+  while (++pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    std::string line = text.substr(pos, nl - pos);
+    pos = nl;
+    if (ended || line.size() < 2 || line[1] != ' ') return ManifestRead::kBad;
+    std::string rest = line.substr(2);
+    uint64_t a = 0, b = 0;
     switch (line[0]) {
       case 'i':
-        ls >> m->dev >> m->ino;
+        if (!parse_u64(field(&rest), 10, &a) || !parse_u64(field(&rest), 10, &b) || !rest.empty())
+          return ManifestRead::kBad;
+        m->dev = a, m->ino = b;
         break;
       case 's':
-        ls >> m->archive_sha256;
+        m->archive_sha256 = rest;
+        if (rest.size() != 64 || !parse_u64(rest.substr(0, 16), 16, &a)) return ManifestRead::kBad;
         break;
       case 'f': {  // "f <size> <crc32 hex> <path>"
         ManifestFile f;
-        std::string crc;
-        ls >> f.size >> crc;
-        std::string rest;
-        std::getline(ls, rest);
-        if (!rest.empty() && rest[0] == ' ') rest.erase(0, 1);
-        f.path = unescape(rest);
-        f.crc32 = uint32_t(std::stoul(crc, nullptr, 16));
+        if (!parse_u64(field(&rest), 10, &f.size)) return ManifestRead::kBad;
+        std::string hex = field(&rest);
+        if (hex.size() != 8 || !parse_u64(hex, 16, &a) || !unescape(rest, &f.path)) return ManifestRead::kBad;
+        f.crc32 = uint32_t(a);
         f.has_crc = true;
         m->files.push_back(std::move(f));
         break;
       }
-      default:
+      case 'e':
+        if (!parse_u64(rest, 10, &a) || a != m->files.size()) return ManifestRead::kBad;
+        ended = true;
         break;
+      default:
+        break;  // a later version's line: not needed to check the tree
     }
   }
-  return m->ino != 0;
-}
-
-// Lists regular files beneath `fd` (relative paths) with their sizes.
-void walk(int fd, const std::string& prefix, std::vector<ManifestFile>* out) {
-  int dup = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (dup < 0) throw_errno("dup", errno);
-  DIR* d = ::fdopendir(dup);
-  if (!d) {
-    ::close(dup);
-    throw_errno("cannot list the extracted tree", errno);
-  }
-  std::vector<std::string> subdirs;
-  while (dirent* e = ::readdir(d)) {
-    std::string n = e->d_name;
-    if (n == "." || n == "..") continue;
-    struct stat st;
-    if (::fstatat(::dirfd(d), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
-    if (S_ISDIR(st.st_mode)) subdirs.push_back(n);
-    else if (S_ISREG(st.st_mode)) out->push_back({prefix + n, uint64_t(st.st_size)});
-  }
-  for (auto& n : subdirs) {
-    int sub = ::openat(::dirfd(d), n.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    if (sub < 0) continue;
-    Fd guard(sub);
-    walk(sub, prefix + n + "/", out);
-  }
-  ::closedir(d);
+  if (v2 && !ended) return ManifestRead::kBad;
+  return m->ino != 0 ? ManifestRead::kOk : ManifestRead::kBad;
 }
 
 void fsync_tree(int fd) {
-  std::vector<ManifestFile> files;
-  walk(fd, "", &files);
-  for (auto& f : files) {
+  for (auto& f : list_tree(fd)) {
     Fd file(::openat(fd, f.path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
     if (file && ::fsync(file.get()) != 0) throw_errno("fsync '" + f.path + "'", errno);
   }
@@ -301,8 +317,13 @@ Lookup lookup_once(const std::string& root, const std::string& name, bool* moved
   struct stat st;
   if (::fstat(dir.get(), &st) != 0) return r;
   Manifest m;
-  if (!read_manifest(manifest_path(root, name), &m) || m.ino != uint64_t(st.st_ino) ||
-      m.dev != uint64_t(st.st_dev)) {
+  ManifestRead got = read_manifest(manifest_path(root, name), &m);
+  if (got == ManifestRead::kBad) {
+    r.state = EntryState::kBroken;
+    r.reason = "its manifest '" + manifest_path(root, name) + "' is damaged (does not parse)";
+    return r;
+  }
+  if (got == ManifestRead::kNone || m.ino != uint64_t(st.st_ino) || m.dev != uint64_t(st.st_dev)) {
     // Not ours (tensorflow_hub's rule: a non-empty directory is complete).
     r.state = dir_nonempty(r.path) ? EntryState::kForeign : EntryState::kMissing;
     return r;
@@ -388,6 +409,7 @@ EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_sour
       std::snprintf(crc, sizeof crc, "%08x", f.crc32);
       o << "f " << f.size << " " << crc << " " << escape(path) << "\n";
     }
+    o << "e " << res.stats.tree.size() << "\n";
     std::string manifest_name = req.name + ".hubfast";
 
     if (l.state == EntryState::kBroken) {
@@ -417,6 +439,9 @@ EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_sour
     }
     if (req.fsync) ::fsync(root.get());
     write_file_atomic(root.get(), req.name + ".descriptor.txt", descriptor(req.handle));
+    // The readers' use-lock file, so that a layer filled by root can be read-locked by
+    // every user (a shared flock needs only read access) and on a read-only mount.
+    FileLock::try_acquire(use_lock_path(req.root, req.name), false);
     res.downloaded = true;
     res.publish_seconds = std::chrono::duration<double>(Clock::now() - t_pub).count();
   } catch (...) {

@@ -46,12 +46,23 @@ DirWriter::DirWriter(int root_fd) {
 int DirWriter::dir_fd(const std::string& rel) {
   auto it = dirs_open_.find(rel);
   if (it != dirs_open_.end()) return it->second.get();
-  // Walk from the deepest open ancestor, one component at a time.
-  size_t slash = rel.rfind('/');
-  std::string parent = slash == std::string::npos ? "" : rel.substr(0, slash);
-  std::string leaf = slash == std::string::npos ? rel : rel.substr(slash + 1);
-  int pfd = dir_fd(parent);
-  Fd fd = open_subdir(pfd, leaf, rel);
+  // Walk down from the deepest open ancestor, one component at a time (a loop:
+  // the depth is bounded by the extractor's limit, the stack by nothing).
+  size_t done = rel.size();
+  while (done != 0 && !dirs_open_.count(rel.substr(0, done))) {
+    size_t slash = rel.rfind('/', done - 1);
+    done = slash == std::string::npos ? 0 : slash;
+  }
+  std::string cur = rel.substr(0, done);
+  Fd fd(::fcntl(dirs_open_.at(cur).get(), F_DUPFD_CLOEXEC, 0));
+  if (!fd) throw_errno("dup", errno);
+  while (cur.size() < rel.size()) {
+    size_t start = cur.empty() ? 0 : cur.size() + 1;
+    size_t slash = rel.find('/', start);
+    if (slash == std::string::npos) slash = rel.size();
+    cur = rel.substr(0, slash);
+    fd = open_subdir(fd.get(), rel.substr(start, slash - start), cur);
+  }
   if (dirs_open_.size() >= kMaxOpenDirs) {
     // Keep the root; drop the rest (reopened on demand).
     Fd root = std::move(dirs_open_[""]);
@@ -125,53 +136,6 @@ void DirWriter::end_file() {
   if (::close(file_.release()) != 0) throw_errno("cannot close '" + file_path_ + "'", errno);
   ++files_;
   written_[file_path_] = FileInfo{file_size_, file_crc_};
-}
-
-void remove_tree_at(int parent_fd, const std::string& name) {
-  int fd = ::openat(parent_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-  if (fd < 0) {
-    if (errno == ENOENT) return;
-    if (errno == ENOTDIR || errno == ELOOP) {
-      if (::unlinkat(parent_fd, name.c_str(), 0) != 0 && errno != ENOENT)
-        throw_errno("cannot remove '" + name + "'", errno);
-      return;
-    }
-    throw_errno("cannot open '" + name + "' for removal", errno);
-  }
-  DIR* d = ::fdopendir(fd);
-  if (!d) {
-    int e = errno;
-    ::close(fd);
-    throw_errno("cannot list '" + name + "'", e);
-  }
-  struct Closer {  // the handle is closed whatever a recursive call throws
-    DIR*& d;
-    ~Closer() {
-      if (d) ::closedir(d);
-    }
-  } closer{d};
-  std::vector<std::pair<std::string, bool>> children;
-  while (dirent* e = ::readdir(d)) {
-    std::string n = e->d_name;
-    if (n == "." || n == "..") continue;
-    bool is_dir = e->d_type == DT_DIR;
-    if (e->d_type == DT_UNKNOWN) {
-      struct stat st;
-      is_dir = ::fstatat(::dirfd(d), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode);
-    }
-    children.emplace_back(n, is_dir);
-  }
-  for (auto& [n, is_dir] : children) {
-    if (is_dir) {
-      remove_tree_at(::dirfd(d), n);
-    } else if (::unlinkat(::dirfd(d), n.c_str(), 0) != 0 && errno != ENOENT) {
-      throw_errno("cannot remove '" + name + "/" + n + "'", errno);
-    }
-  }
-  ::closedir(d);
-  d = nullptr;
-  if (::unlinkat(parent_fd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT)
-    throw_errno("cannot remove directory '" + name + "'", errno);
 }
 
 }  // namespace hubfast

@@ -109,8 +109,11 @@ bool create_exclusive(const std::string& path, const std::string& content) {
 
 FileLock FileLock::try_acquire(const std::string& path, bool exclusive) {
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  int create_errno = errno;
   if (fd < 0 && !exclusive) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw_errno("cannot open lock file '" + path + "'", errno);
+  // Missing and not creatable (a read-only mount, another user's layer): report why it
+  // could not be created (EROFS/EACCES: access denied), not that it is missing.
+  if (fd < 0) throw_errno("cannot open lock file '" + path + "'", errno == ENOENT ? create_errno : errno);
   Fd guard(fd);
   if (::flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0) return FileLock(std::move(guard));
   if (errno != EWOULDBLOCK) throw_errno("cannot lock '" + path + "'", errno);

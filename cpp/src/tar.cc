@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "hubfast/error.h"
+#include "hubfast/tree.h"
 
 namespace hubfast {
 namespace {
@@ -88,7 +89,7 @@ std::string TarReader::normalize_path(const std::string& raw, size_t max_path) {
   if (raw.find('\0') != std::string::npos)
     throw Error(ErrorKind::kUnsafeArchive, "member path contains a NUL byte: " + raw);
   std::string out;
-  size_t i = 0;
+  size_t i = 0, depth = 0;
   while (i <= raw.size()) {
     size_t j = raw.find('/', i);
     if (j == std::string::npos) j = raw.size();
@@ -100,6 +101,9 @@ std::string TarReader::normalize_path(const std::string& raw, size_t max_path) {
                   "member '" + raw + "' has a '..' component: it could land outside the target");
     if (comp.size() > 255)
       throw Error(ErrorKind::kLimit, "member '" + raw + "' has a path component over 255 bytes");
+    if (++depth > kMaxTreeDepth)
+      throw Error(ErrorKind::kLimit, "member '" + raw.substr(0, 200) + "...' is more than " +
+                                         std::to_string(kMaxTreeDepth) + " directories deep (limit)");
     if (!out.empty()) out.push_back('/');
     out += comp;
   }

@@ -88,7 +88,9 @@ class Entry:
                 lock = _core.FileLock.acquire(_core.use_lock_path(entry.root, entry.name),
                                               exclusive=False, timeout=60.0)
             except errors.AccessDeniedError:
-                # A read-only layer: nobody can modify it through hubfast anyway.
+                # No use-lock file, and none can be made: a read-only mount, or a layer
+                # another user filled (`hubfast fetch` makes one; tensorflow_hub does not).
+                # Nobody can modify a read-only layer through hubfast anyway.
                 yield entry.path
                 return
             try:

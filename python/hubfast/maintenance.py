@@ -37,9 +37,7 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 import socket
-import stat
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -168,17 +166,9 @@ def _mtime(path: str) -> float:
 
 
 def tree_bytes(path: str) -> int:
-    """Total size of the regular files under `path` (not following links)."""
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=False):
-        for n in filenames:
-            try:
-                st = os.lstat(os.path.join(dirpath, n))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-    return total
+    """Total size of the regular files under `path` (not following links). A tree deeper
+    than the extractor's depth limit raises ArchiveLimitError."""
+    return _core.tree_size(path)
 
 
 def pid_alive(pid: int) -> bool:
@@ -302,13 +292,19 @@ def entry_info(root: str, name: str, members: Optional[Iterable[str]] = None,
                     _mtime(_core.use_lock_path(root, name)))
     leftovers: List[str] = []
     if state in ("complete", "foreign", "broken"):
-        size = tree_bytes(path)
+        try:
+            size = tree_bytes(path)
+        except errors.ArchiveLimitError as e:  # reported; the entry stays as it is
+            size, state, reason = 0, "broken", str(e)
         if state == "broken" and writer:
             reason = f"{reason}; being repaired by {writer}"
         if writer is None:
             leftovers = temps + olds
     else:
-        size = sum(tree_bytes(os.path.join(root, t)) for t in temps)
+        try:
+            size = sum(tree_bytes(os.path.join(root, t)) for t in temps)
+        except errors.ArchiveLimitError:
+            size = 0
         if writer is not None:
             state, reason = "in_progress", f"being written by {writer}"
         else:
@@ -398,17 +394,9 @@ def _trash_name(name: str) -> str:
 
 
 def _rmtree(path: str) -> None:
-    def onerror(func, p, exc_info):  # noqa: ANN001
-        if isinstance(exc_info[1], FileNotFoundError):
-            return
-        # A read-only directory inside the tree: make it writable and retry once.
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            func(p)
-        except FileNotFoundError:
-            pass
-
-    shutil.rmtree(path, onerror=onerror)
+    """Removes a tree of any depth, following no link and changing no mode (native: an
+    iterative walk holding a bounded number of descriptors)."""
+    _core.remove_tree(path)
 
 
 def _unlink(path: str) -> None:
@@ -470,9 +458,10 @@ def _remove_locked(root: str, name: str, result: RemoveResult) -> None:
         if os.path.lexists(path):
             found = True
             if os.path.isdir(path) and not os.path.islink(path):
+                size = tree_bytes(path)  # a tree too deep to walk stays as it is
                 trash = os.path.join(root, _trash_name(name))
                 os.rename(path, trash)
-                result.bytes += tree_bytes(trash)
+                result.bytes += size
                 _rmtree(trash)
             else:
                 result.bytes += os.lstat(path).st_size
@@ -497,6 +486,9 @@ def _remove_locked(root: str, name: str, result: RemoveResult) -> None:
         if not tfhub_live and name + ".lock" in members:
             found = True
             _unlink(path + ".lock")  # tensorflow_hub's own, left by a dead process
+    except errors.ArchiveLimitError as e:
+        result.status, result.reason = "failed", str(e)
+        return
     except OSError as e:
         result.status = "failed"
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -8,6 +8,7 @@
 
 #include "hubfast/fd.h"
 #include "hubfast/tar.h"
+#include "hubfast/tree.h"  // remove_tree_at
 
 namespace hubfast {
 
@@ -42,8 +43,5 @@ class DirWriter : public TarSink {
   std::map<std::string, FileInfo> written_;
   uint64_t files_ = 0, dirs_ = 0, bytes_ = 0;
 };
-
-// Removes a directory tree beneath `parent_fd` without following links.
-void remove_tree_at(int parent_fd, const std::string& name);
 
 }  // namespace hubfast

@@ -11,7 +11,7 @@ namespace hubfast {
 struct TarLimits {
   uint64_t max_total_bytes = 64ull << 30;  // sum of member sizes
   uint64_t max_members = 1000000;
-  size_t max_path = 4096;                  // bytes of a member path
+  size_t max_path = 4096;                  // bytes of a member path (depth: kMaxTreeDepth, tree.h)
   size_t max_pax_header = 1 << 20;         // bytes of one pax/GNU header body
 };
 
