@@ -274,6 +274,7 @@ PYBIND11_MODULE(_core, m) {
         d["path"] = r.path;
         d["downloaded"] = r.downloaded;
         d["repaired"] = r.repaired;
+        d["restarts"] = r.restarts;
         d["lock_wait"] = r.lock_wait;
         d["publish_seconds"] = r.publish_seconds;
         d["stats"] = r.downloaded ? py::object(stats_dict(r.stats)) : py::object(py::none());

@@ -28,6 +28,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// Restarts from byte 0 when the object changes under a download (RestartError).
+constexpr int kMaxRestarts = 2;
+
 constexpr const char* kManifestMagic = "hubfast-manifest 2";
 constexpr const char* kManifestMagicV1 = "hubfast-manifest 1";  // no end line: still read
 
@@ -392,10 +395,25 @@ EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_sour
     throw_errno("cannot create a temp directory in '" + req.root + "'", errno);
   lock.touch_too(join(req.root, temp));
   try {
-    Fd tdir(::openat(root.get(), temp.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-    if (!tdir) throw_errno("cannot open '" + temp + "'", errno);
-    auto src = make_source();
-    res.stats = extract(*src, tdir.get(), req.extract, poll);
+    Fd tdir;
+    for (int& restarts = res.restarts;; ++restarts) {
+      tdir.reset(::openat(root.get(), temp.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+      if (!tdir) throw_errno("cannot open '" + temp + "'", errno);
+      try {
+        auto src = make_source();
+        res.stats = extract(*src, tdir.get(), req.extract, poll);
+        break;
+      } catch (const RestartError& e) {
+        // The object changed under the download: what was written may mix two versions.
+        if (restarts >= kMaxRestarts)
+          throw Error(ErrorKind::kIntegrity, std::string(e.what()) + "; gave up after " +
+                                                 std::to_string(restarts) + " restarts from byte 0");
+        tdir.reset();
+        remove_tree_at(root.get(), temp);
+        if (::mkdirat(root.get(), temp.c_str(), 0755) != 0)
+          throw_errno("cannot create a temp directory in '" + req.root + "'", errno);
+      }
+    }
     auto t_pub = Clock::now();
     if (req.fsync) fsync_tree(tdir.get());
 

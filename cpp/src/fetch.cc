@@ -8,7 +8,7 @@
 //    carry credentials, go to the original scheme+host+port only, and so that
 //    https never downgrades to http.
 //  * Its response headers establish the object's metadata: Content-Length,
-//    a validator (strong ETag, else Last-Modified), Accept-Ranges and
+//    a validator (strong ETag, else Last-Modified with Content-Length), Accept-Ranges and
 //    x-goog-hash. Bytes are emitted straight from libcurl's write callback.
 //  * When the object is large and rangeable (Accept-Ranges: bytes, a length
 //    >= min_parallel_bytes, a validator, connections > 1), the object is cut
@@ -33,9 +33,11 @@
 //    429, 5xx) are retried with jittered exponential backoff honouring
 //    Retry-After; a transfer that dropped after making progress resumes with
 //    `Range: bytes=<next>-` + `If-Range`. A 206 must start where asked and
-//    carry the known total; a 200 to a resume means the object changed
-//    (unless its strong ETag is unchanged: then the server merely ignored
-//    Range and the prefix is skipped).
+//    carry the known total and the validator; a 200 to a Range request, or a
+//    part without the validator, means the bytes passed on may belong to
+//    another version: RestartError, and the extraction starts again from
+//    byte 0. Without a validator (no strong ETag, no Last-Modified with
+//    Content-Length): one connection, and a drop restarts from byte 0.
 //  * The caller's thread checks the total length and x-goog-hash (crc32c,
 //    or md5 when no crc32c is offered) over the bytes in emit order (out of
 //    order: crc32c per segment, combined; md5 keeps the order).
@@ -261,7 +263,9 @@ void HttpSource::establish_meta(const Response& r) {
   m.known = true;
   if (r.content_length >= 0) m.total = uint64_t(r.content_length);
   if (strong_etag(r.etag)) m.etag = r.etag;
-  m.validator = !m.etag.empty() ? m.etag : r.last_modified;
+  // A date alone is too coarse (two versions within a second): with the length it will do.
+  if (m.etag.empty() && r.content_length >= 0) m.last_modified = r.last_modified;
+  m.validator = !m.etag.empty() ? m.etag : m.last_modified;
   m.ranges = r.accept_ranges == "bytes";
   m.hash = parse_goog_hash(r.goog_hash);
   // GCS serving a gzip-stored object decompressed ("decompressive
@@ -334,10 +338,13 @@ void HttpSource::on_headers(Xfer& x) {
                                              ": asked for bytes from " + std::to_string(t.pos) + " of " +
                                              (meta_.total == kUnknown ? std::string("?")
                                                                       : std::to_string(meta_.total)));
-    if ((!meta_.etag.empty() && !r.etag.empty() && r.etag != meta_.etag) ||
+    // Every part carries the validator the download started with, else it may belong to
+    // another version.
+    if ((!meta_.etag.empty() && r.etag != meta_.etag) ||
+        (meta_.etag.empty() && r.last_modified != meta_.last_modified) ||
         (!r.goog_hash.empty() && meta_.hash_usable && !(parse_goog_hash(r.goog_hash) == meta_.hash)))
-      throw Error(ErrorKind::kIntegrity, "object changed during download of " + where +
-                                             ": a ranged response carries another ETag or x-goog-hash");
+      throw RestartError("object changed during download of " + where +
+                         ": a part (206) carries another or no ETag, Last-Modified or x-goog-hash");
     x.body = Xfer::Body::kData;
     return;
   }
@@ -352,16 +359,10 @@ void HttpSource::on_headers(Xfer& x) {
     x.body = Xfer::Body::kData;
     return;
   }
-  // 200 to a Range request: the server ignored Range, or If-Range failed.
-  bool same = !meta_.etag.empty() && r.etag == meta_.etag &&
-              (meta_.total == kUnknown || r.content_length < 0 || uint64_t(r.content_length) == meta_.total);
-  if (!same)
-    throw Error(ErrorKind::kIntegrity,
-                "object changed during download of " + where + ": asked to resume at byte " +
-                    std::to_string(t.pos) + ", the server sent the whole object again (200, not 206), "
-                    "so the bytes already received belong to another version; retry the download");
-  x.skip = t.pos;  // unchanged object, Range ignored: drop what we have
-  x.body = Xfer::Body::kData;
+  // 200 to a Range request: the server ignored Range, or If-Range failed. Even under the
+  // same ETag its bytes may be another version's: start again from byte 0.
+  throw RestartError("object changed during download of " + where + ": asked for bytes from " +
+                     std::to_string(t.pos) + ", the server sent the whole object (200, not 206)");
 }
 
 size_t HttpSource::on_body(Xfer& x, const char* p, size_t n) {
@@ -384,12 +385,6 @@ size_t HttpSource::on_body(Xfer& x, const char* p, size_t n) {
   RangeTask& t = *x.task;
   const uint8_t* q = reinterpret_cast<const uint8_t*>(p);
   size_t m = n;
-  if (x.skip) {
-    size_t k = size_t(std::min<uint64_t>(x.skip, m));
-    x.skip -= k;
-    q += k;
-    m -= k;
-  }
   if (m == 0) return n;
   if (t.end != kUnknown && t.pos + m > t.end) {
     if (t.end == meta_.total)
@@ -425,9 +420,9 @@ void HttpSource::perform_with_redirects(Conn& c, RangeTask& t, const HaltFn& hal
   if (url.empty()) url = url_;
   const bool ranged = !(t.pos == 0 && !parallel_);
   if (ranged && meta_.validator.empty())
-    throw Error(ErrorKind::kNetwork, "download of " + url_ + " was interrupted after " + std::to_string(t.pos) +
-                                         " bytes and cannot be resumed: the server sends neither ETag nor "
-                                         "Last-Modified, so a resumed range could belong to another version");
+    throw RestartError("download of " + url_ + " was interrupted after " + std::to_string(t.pos) +
+                       " bytes and cannot be resumed: the server sends no strong ETag, nor Last-Modified with "
+                       "Content-Length, so a resumed range could belong to another version");
   for (int redirects = 0;;) {
     CURL* e = c.easy.get();
     SlistPtr hdrs;
@@ -533,9 +528,9 @@ void HttpSource::fetch_range(Conn& c, RangeTask& t, const HaltFn& halted, const 
           throw Error(ErrorKind::kNetwork, "download of " + where + " failed: " + last_cause);
       }
       if (t.pos > 0 && meta_.validator.empty())
-        throw Error(ErrorKind::kNetwork, "download of " + where + " was interrupted (" + last_cause +
-                                             ") and cannot be resumed: the server sends neither ETag nor "
-                                             "Last-Modified");
+        throw RestartError("download of " + where + " was interrupted (" + last_cause +
+                           ") and cannot be resumed: the server sends no strong ETag, nor Last-Modified "
+                           "with Content-Length");
     } else if (status == 0) {
       // No response: connect failure, timeout, reset before headers.
       last_cause = curl_cause(a.res, c.errbuf.get());

@@ -52,6 +52,7 @@ struct GoogHash {
 // Every value of every x-goog-hash header; unusable items are ignored.
 GoogHash parse_goog_hash(const std::vector<std::string>& values);
 
-inline bool strong_etag(const std::string& e) { return !e.empty() && e[0] == '"'; }
+// Strong: any ETag but a weak one (W/"..."), which may stay the same when the bytes change.
+inline bool strong_etag(const std::string& e) { return !e.empty() && e.compare(0, 2, "W/") != 0; }
 
 }  // namespace hubfast::http

@@ -46,7 +46,10 @@ struct Meta {
   bool known = false;
   uint64_t total = kUnknown;  // Content-Length, if declared
   std::string etag;           // strong ETag, or empty
-  std::string validator;      // for If-Range: strong ETag, else Last-Modified
+  std::string last_modified;  // as sent, when it is the validator
+  // For If-Range and for checking every part: a strong ETag, else Last-Modified when
+  // Content-Length is declared; empty: one connection, no resume.
+  std::string validator;
   bool ranges = false;        // Accept-Ranges: bytes
   GoogHash hash;
   bool hash_usable = false;   // false when GCS transcoded the object
@@ -86,7 +89,6 @@ struct Xfer {
   bool ranged = false;     // the request carried Range
   Response resp;
   Body body = Body::kDiscard;
-  uint64_t skip = 0;       // bytes to drop first (a 200 to a resume, same ETag)
   uint64_t got = 0;        // body bytes delivered to the sink
   uint64_t error_bytes = 0;
   std::string error_body;

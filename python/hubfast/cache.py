@@ -186,7 +186,7 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
             swarm.remove_work_dir(swarm_dir)
     stats = {"handle": handle, "path": result["path"], "cached": not result["downloaded"],
              "lock_wait": result["lock_wait"], "publish_seconds": result["publish_seconds"],
-             "repaired": result["repaired"]}
+             "repaired": result["repaired"], "restarts": result["restarts"]}
     if result["stats"]:
         stats.update(result["stats"])
         st = result["stats"]

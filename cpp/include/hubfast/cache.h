@@ -42,6 +42,7 @@ struct EntryResult {
   std::string path;
   bool downloaded = false;   // this call extracted the archive
   bool repaired = false;     // a broken entry was replaced
+  int restarts = 0;          // downloads started again from byte 0 (the object changed)
   double lock_wait = 0, publish_seconds = 0;
   ExtractStats stats;
 };

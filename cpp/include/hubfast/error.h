@@ -35,6 +35,15 @@ class Error : public std::runtime_error {
   int code_;
 };
 
+// The object changed under a download (a 200 to a Range request, a part without the
+// validator or with another one, a drop with no validator to resume against): the bytes
+// already passed on belong to another version, so the extraction starts again from byte 0.
+// If it escapes, it is an integrity error.
+class RestartError : public Error {
+ public:
+  explicit RestartError(const std::string& msg) : Error(ErrorKind::kIntegrity, msg) {}
+};
+
 // Throws an Error whose kind follows errno (ENOSPC -> kDiskFull, ...).
 [[noreturn]] void throw_errno(const std::string& what, int err);
 

@@ -460,6 +460,12 @@ class Fault:
     - ``Fault.ignore_range()``: ignore ``Range`` and answer 200 with the whole object.
     - ``Fault.endless(upto, fill=b"\\0")``: no ``Content-Length``; after the body, ``fill`` over and
       over until ``upto`` bytes more were sent or the client closes (a server that never stops).
+    - ``Fault.other_version(data)``: serve ``data`` instead of the object's bytes, under the
+      object's own ``ETag`` and ``Last-Modified`` (a server that changed the object without
+      changing its validator); combine with ``ignore_range()`` for a 200 to a resume.
+    - ``Fault.without_headers(*names)``: leave out these response headers (e.g. ``"ETag"``,
+      ``"Last-Modified"``: a server without validators, or a part that lost its validator).
+    - ``Fault.weak_etag()``: send the ETag as a weak one (``W/"..."``).
 
     ``status`` and ``delay`` apply to any path (redirects and 404s included); body faults apply to
     objects. A fault is consumed by the GET that takes it, whether or not it had an effect.
@@ -486,6 +492,9 @@ class Fault:
     no_range: bool = False
     endless_upto: int = 0
     endless_fill: bytes = b"\0"
+    other_data: Optional[bytes] = None
+    omit_headers: Tuple[str, ...] = ()
+    weak: bool = False
 
     @classmethod
     def status(
@@ -556,6 +565,18 @@ class Fault:
             raise ValueError("endless needs upto > 0 and a non-empty fill")
         return cls(endless_upto=int(upto), endless_fill=bytes(fill))
 
+    @classmethod
+    def other_version(cls, data: bytes) -> "Fault":
+        return cls(other_data=bytes(data))
+
+    @classmethod
+    def weak_etag(cls) -> "Fault":
+        return cls(weak=True)
+
+    @classmethod
+    def without_headers(cls, *names: str) -> "Fault":
+        return cls(omit_headers=tuple(n.lower() for n in names))
+
     def __or__(self, other: "Fault") -> "Fault":
         if not isinstance(other, Fault):
             return NotImplemented
@@ -572,7 +593,10 @@ class Fault:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value != f.default:
-                parts.append(f"{f.name}={value!r}" if isinstance(value, bytes) else f"{f.name}={value}")
+                if isinstance(value, bytes):
+                    parts.append(f"{f.name}={value!r}" if len(value) <= 32 else f"{f.name}=<{len(value)} bytes>")
+                else:
+                    parts.append(f"{f.name}={value}")
         return ",".join(parts) or "none"
 
 
@@ -1032,10 +1056,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _serve_object(self, method: str, path: str, obj: _Object, fault: Optional[Fault]) -> None:
         hub = self.server.hub
-        size = obj.size
         etag = obj.etag()
         goog = obj.goog_hash_values()
         last_modified = email.utils.formatdate(obj.mtime, usegmt=True)
+        if fault is not None and fault.other_data is not None:
+            # Another version under the same validators (its own digests would differ).
+            obj = _Object(path, fault.other_data, direct=False, goog_hash="none", last_modified=obj.mtime,
+                          content_type=obj.content_type)
+            goog = []
+        size = obj.size
+        omit = set(fault.omit_headers) if fault is not None else set()
 
         rng: Optional[Tuple[int, int]] = None
         range_header = self.headers.get("Range")
@@ -1073,8 +1103,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         endless = fault is not None and fault.endless_upto > 0
         if not endless:  # endless: the body ends when the connection does
             self.send_header("Content-Length", str(content_length))
-        self.send_header("ETag", etag)
-        self.send_header("Last-Modified", last_modified)
+        if "etag" not in omit:
+            self.send_header("ETag", "W/" + etag if fault is not None and fault.weak else etag)
+        if "last-modified" not in omit:
+            self.send_header("Last-Modified", last_modified)
         self.send_header("Accept-Ranges", "bytes")
         if goog:
             if obj.split_goog_hash:
