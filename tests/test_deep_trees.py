@@ -149,3 +149,17 @@ def _deeper_tree_stays(cache: Path, good: str, deep: str) -> None:
         assert (cache / deep).stat().st_ino == inode and _chain_depth(cache / deep) == 2000
     assert not (cache / good).exists()  # prune carried on with the other entry
     assert not [n for n in os.listdir(cache) if n.endswith((".old", ".tmp"))]
+
+
+def test_pack_refuses_a_tree_hubfast_would_not_extract(tmp_path):
+    from hubfast.pack import PackError, pack
+
+    src = tmp_path / "model"
+    (src / ("d/" * (LIMIT - 1))).mkdir(parents=True)
+    (src / ("d/" * (LIMIT - 1)) / "f").write_bytes(b"x")  # component number LIMIT: fine
+    pack(str(src), str(tmp_path / "ok.tar.gz"))
+    (src / ("d/" * LIMIT)).mkdir()  # a directory at depth LIMIT: still fine
+    pack(str(src), str(tmp_path / "ok2.tar.gz"))
+    (src / ("d/" * LIMIT) / "g").write_bytes(b"x")  # depth LIMIT + 1
+    with pytest.raises(PackError, match="directories deep"):
+        pack(str(src), str(tmp_path / "deep.tar.gz"))

@@ -139,3 +139,12 @@ def test_without_a_validator_one_connection(server, large, parallel):
     log = _gets(server)
     assert len(log) == 1 and not log[0].range
     assert hubfast.last_stats()["source"]["segments"] == 0
+
+
+def test_a_server_that_ignores_range_gets_one_connection_after_a_restart(server, large, parallel):
+    server.add_archive(PATH, large["tar"], goog_hash="none")
+    server.inject(PATH, Fault.ignore_range(), times=100)
+    path = hubfast.resolve(server.url_for(PATH))
+    assert tree_digest(path) == large["digest"]
+    assert hubfast.last_stats()["restarts"] == 1
+    assert hubfast.last_stats()["source"]["segments"] == 0

@@ -170,14 +170,18 @@ SourceFactory source_factory(const std::string& path, const std::string& url, co
                              const py::dict& swarm = py::dict()) {
   if (!swarm.empty()) {
     SwarmOptions so = swarm_options(swarm);
-    return [so] { return make_swarm_source(so); };
+    return [so](int) { return make_swarm_source(so); };
   }
   if (!url.empty()) {
     FetchOptions fo = fetch_options(url, fetch);
-    return [fo] { return make_http_source(fo); };
+    return [fo](int restarts) {
+      FetchOptions o = fo;
+      if (restarts > 0) o.connections = 1;
+      return make_http_source(o);
+    };
   }
   if (path.empty()) throw Error(ErrorKind::kInvalid, "give either path= or url=");
-  return [path] { return make_file_source(path); };
+  return [path](int) { return make_file_source(path); };
 }
 
 LockMode parse_lock_mode(const std::string& s) {
@@ -224,6 +228,7 @@ PYBIND11_MODULE(_core, m) {
   });
 
   m.def("have_isal", &have_isal, "Whether gzip is inflated with ISA-L.");
+  m.attr("MAX_TREE_DEPTH") = py::int_(kMaxTreeDepth);  // directories an archive member may nest
   m.def(
       "detect_compression",
       [](py::bytes head) {
@@ -241,7 +246,7 @@ PYBIND11_MODULE(_core, m) {
         ExtractStats st = run_released(progress, [&](const PollFn& poll) {
           Fd dir(::open(dest.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
           if (!dir) throw_errno("cannot open target directory '" + dest + "'", errno);
-          auto src = make();
+          auto src = make(0);
           return extract(*src, dir.get(), opt, poll);
         });
         return stats_dict(st);

@@ -400,7 +400,7 @@ EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_sour
       tdir.reset(::openat(root.get(), temp.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
       if (!tdir) throw_errno("cannot open '" + temp + "'", errno);
       try {
-        auto src = make_source();
+        auto src = make_source(restarts);
         res.stats = extract(*src, tdir.get(), req.extract, poll);
         break;
       } catch (const RestartError& e) {

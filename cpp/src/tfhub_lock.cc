@@ -49,18 +49,15 @@ bool parse_owner(const std::string& content, Owner* o) {
 }
 
 // Bytes under a directory (tensorflow_hub's sign that a download progresses).
-uint64_t tree_bytes(const std::string& path, int depth = 0) {
+// Bytes written so far into tensorflow_hub's temp dir (its progress); 0 when unreadable.
+uint64_t tree_bytes(const std::string& path) {
+  Fd dir(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!dir) return 0;
   uint64_t total = 0;
-  if (depth > 16) return 0;
-  struct stat st;
-  if (::lstat(path.c_str(), &st) != 0) return 0;
-  if (!S_ISDIR(st.st_mode)) return uint64_t(st.st_size);
-  if (DIR* d = ::opendir(path.c_str())) {
-    while (dirent* e = ::readdir(d)) {
-      std::string n = e->d_name;
-      if (n != "." && n != "..") total += tree_bytes(path + "/" + n, depth + 1);
-    }
-    ::closedir(d);
+  try {
+    for (auto& f : list_tree(dir.get())) total += f.size;
+  } catch (const Error&) {
+    return 0;
   }
   return total;
 }

@@ -92,7 +92,7 @@ TEST_CASE("threads resolving the same and different entries", "[concurrency]") {
       req.handle = archives[size_t(e)];
       req.lock_mode = LockMode::kFlock;
       try {
-        EntryResult r = ensure_entry(req, [&] { return make_file_source(archives[size_t(e)]); }, nullptr);
+        EntryResult r = ensure_entry(req, [&](int) { return make_file_source(archives[size_t(e)]); }, nullptr);
         if (r.downloaded) downloads[e]++;
         if (lookup_entry(root, req.name).state != EntryState::kComplete) failures++;
       } catch (const std::exception& ex) {

@@ -235,13 +235,25 @@ def read_seek_table(path: PathLike) -> Optional[List[Tuple[int, int, Optional[in
 
 
 def _iter_tree(src: str) -> Iterator[Tuple[str, str]]:
-    """Yields ``(abspath, relpath)`` depth first in sorted order, dirs before contents."""
-    for name in sorted(os.listdir(src)):
-        full = os.path.join(src, name)
-        yield full, name
+    """Yields ``(abspath, relpath)`` depth first in sorted order, dirs before contents.
+
+    Iterative, and no deeper than hubfast extracts (a deeper tree is a PackError)."""
+    from . import _core  # noqa: PLC0415
+
+    stack = [(src, "", iter(sorted(os.listdir(src))))]
+    while stack:
+        parent, prefix, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
+        full, rel = os.path.join(parent, name), prefix + name
+        if len(stack) > _core.MAX_TREE_DEPTH:
+            raise PackError(f"{full}: more than {_core.MAX_TREE_DEPTH} directories deep, which "
+                            "hubfast refuses to extract")
+        yield full, rel
         if os.path.isdir(full) and not os.path.islink(full):
-            for sub_full, sub_rel in _iter_tree(full):
-                yield sub_full, name + "/" + sub_rel
+            stack.append((full, rel + "/", iter(sorted(os.listdir(full)))))
 
 
 def _check_member(full: str, rel: str) -> None:

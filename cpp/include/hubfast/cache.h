@@ -47,7 +47,10 @@ struct EntryResult {
   ExtractStats stats;
 };
 
-using SourceFactory = std::function<std::unique_ptr<Source>()>;
+// Makes the archive's source; `restarts`: how often the download started again because the
+// object changed under it (then an HTTP source uses one connection: a server that ignores
+// Range would change every parallel part into a restart).
+using SourceFactory = std::function<std::unique_ptr<Source>(int restarts)>;
 
 // Returns the complete entry, extracting it from a source made by
 // `make_source` when needed. `poll` runs on the calling thread about every
