@@ -17,6 +17,7 @@ from hubfast.testing import models
 from hubfast.testing.server import TFHubServer
 
 pytest.importorskip("tensorflow")  # spec check only: not imported here
+pytestmark = pytest.mark.tf
 
 PYTHONPATH = str(Path(__import__("hubfast").__file__).resolve().parents[1])
 

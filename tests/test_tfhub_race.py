@@ -16,6 +16,7 @@ import hubfast
 from hubfast.testing.server import TFHubServer
 
 pytest.importorskip("tensorflow_hub", reason="the parity baseline")  # noqa: spec check only
+pytestmark = pytest.mark.tf
 
 PYTHONPATH = str(Path(hubfast.__file__).resolve().parents[1])
 TFHUB = r"""
