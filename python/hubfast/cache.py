@@ -148,8 +148,9 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
     if url and s.swarm:
         from . import swarm  # noqa: PLC0415
 
-        swarm_dir = swarm.work_dir(s.cache_dir, name)
-        swarm_opts = swarm.swarm_options(url, swarm_dir, s)
+        swarm_opts = swarm.swarm_options(url, s)
+        if swarm_opts is not None:  # a torrent is published: a directory for its file
+            swarm_dir = swarm_opts["save_dir"] = swarm.work_dir(s.cache_dir, name)
     try:
         try:
             result = _core.ensure_entry(s.cache_dir, name, handle, path=path, url=url,

@@ -61,9 +61,10 @@ def find_torrent(archive_url: str, s: config.Settings) -> Optional[bytes]:
     return data
 
 
-def swarm_options(archive_url: str, save_dir: str,
+def swarm_options(archive_url: str,
                   s: Optional[config.Settings] = None) -> Optional[Dict[str, object]]:
-    """The native swarm source's options for ``archive_url``, or None for plain HTTP."""
+    """The native swarm source's options for ``archive_url`` (``save_dir`` still to be set),
+    or None for plain HTTP."""
     s = s or config.settings()
     if not s.swarm or not _core.have_swarm():
         return None
@@ -71,7 +72,7 @@ def swarm_options(archive_url: str, save_dir: str,
     if data is None:
         return None
     return {"torrent": data, "trackers": [s.swarm], "web_seeds": [archive_url],
-            "save_dir": save_dir, "interface": s.swarm_interface,
+            "save_dir": "", "interface": s.swarm_interface,
             "dht": "dht" in s.swarm_discovery, "lsd": "lsd" in s.swarm_discovery,
             "upnp": "upnp" in s.swarm_discovery, "natpmp": "natpmp" in s.swarm_discovery,
             "require_encryption": s.swarm_encryption, "stall_timeout": s.stall_timeout * 2}
