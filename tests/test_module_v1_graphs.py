@@ -297,6 +297,41 @@ def case_eval_function_without_inputs(ctx):
         assert list(f()) == [8.0, 4.0]
 
 
+@CASES.case
+def case_ragged_signature(ctx):
+    """A signature with a ragged input and a ragged output (plus a dense one): applied to a
+    RaggedTensor, through eval_function_for_module, and after export and load."""
+    tf, _, _ = ctx.imports()
+    import hubfast as hub
+
+    v1 = tf.compat.v1
+
+    def fn():
+        words = v1.ragged.placeholder(tf.int64, ragged_rank=1, value_shape=[], name="words")
+        bias = v1.placeholder(tf.int64, [], name="bias")
+        hub.add_signature(inputs=dict(words=words, bias=bias),
+                          outputs=dict(default=words.with_values(words.values * 10 + bias),
+                                       lengths=words.row_lengths()))
+
+    spec = hub.create_module_spec(fn)
+    assert spec.get_input_info_dict()["words"].is_composite
+    rows = [[1, 2, 3], [], [4]]
+    path = str(ctx.tmp("ragged") / "m")
+    with tf.Graph().as_default():
+        m = hub.Module(spec)
+        out = m(dict(words=tf.ragged.constant(rows, tf.int64), bias=tf.constant(5, tf.int64)),
+                as_dict=True)
+        assert isinstance(out["default"], tf.RaggedTensor)
+        with v1.Session() as sess:
+            got = sess.run(out)
+            m.export(path, sess)
+    assert got["default"].to_list() == [[15, 25, 35], [], [45]]
+    assert got["lengths"].tolist() == [3, 0, 1]
+    with hub.eval_function_for_module(path) as f:
+        again = f(dict(words=v1.ragged.constant_value([[7], [8, 9]]), bias=0))
+    assert again.to_list() == [[70], [80, 90]]
+
+
 # ---------------------------------------------------------------------------
 # pytest side
 # ---------------------------------------------------------------------------

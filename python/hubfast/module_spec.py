@@ -62,10 +62,21 @@ TensorOrDict = Union[tf.Tensor, tf.SparseTensor, Mapping[str, Any], None]
 class ParsedTensorInfo:
     """What a signature input or output is: dtype, static shape, sparse or dense."""
 
-    def __init__(self, dtype: tf.DType, shape: tf.TensorShape, is_sparse: bool) -> None:
+    def __init__(self, dtype: tf.DType, shape: tf.TensorShape, is_sparse: bool,
+                 type_spec: Optional[tf.TypeSpec] = None) -> None:
         self._dtype = dtype
         self._shape = shape
         self._is_sparse = is_sparse
+        self._type_spec = type_spec
+
+    @property
+    def type_spec(self) -> Optional[tf.TypeSpec]:
+        """The TypeSpec of a composite tensor (RaggedTensor); None for dense and sparse."""
+        return self._type_spec
+
+    @property
+    def is_composite(self) -> bool:
+        return self._type_spec is not None
 
     @property
     def dtype(self) -> tf.DType:
@@ -85,18 +96,36 @@ class ParsedTensorInfo:
     @classmethod
     def from_proto(cls, info: meta_graph_pb2.TensorInfo) -> "ParsedTensorInfo":
         encoding = info.WhichOneof("encoding")
+        if encoding == "composite_tensor":
+            spec = _decode_type_spec(info.composite_tensor.type_spec)
+            return cls(spec.dtype, spec.shape, False, spec)
         if encoding not in ("name", "coo_sparse"):
-            raise NotImplementedError(f"signature tensors encoded as {encoding!r} are not "
-                                      "supported by hub.Module (dense and sparse are)")
+            raise ValueError(f"signature tensors encoded as {encoding!r} are not supported "
+                             "by hub.Module (dense, sparse and ragged are)")
         return cls(tf.as_dtype(info.dtype), tf.TensorShape(info.tensor_shape),
                    encoding == "coo_sparse")
 
 
+def _decode_type_spec(proto: Any) -> tf.TypeSpec:
+    # TensorFlow's own decoder of TypeSpecProto (not exported under tf.*).
+    from tensorflow.core.protobuf import struct_pb2  # pylint: disable=import-outside-toplevel
+    from tensorflow.python.saved_model import nested_structure_coder  # pylint: disable=import-outside-toplevel
+
+    spec = nested_structure_coder.decode_proto(struct_pb2.StructuredValue(type_spec_value=proto))
+    if not isinstance(spec, tf.RaggedTensorSpec):
+        raise ValueError(f"signature tensors of type {type(spec).__name__} are not supported "
+                         "by hub.Module (dense, sparse and ragged are)")
+    return spec
+
+
 def tensor_names(info: meta_graph_pb2.TensorInfo) -> List[str]:
     """The graph tensors behind a TensorInfo: [name] or [indices, values, dense_shape]."""
-    if info.WhichOneof("encoding") == "coo_sparse":
+    encoding = info.WhichOneof("encoding")
+    if encoding == "coo_sparse":
         c = info.coo_sparse
         return [c.indices_tensor_name, c.values_tensor_name, c.dense_shape_tensor_name]
+    if encoding == "composite_tensor":
+        return [c.name for c in info.composite_tensor.components]
     return [info.name]
 
 
@@ -325,10 +354,10 @@ def _build_infos(d: Dict[str, Any], what: str, graph: tf.Graph
     for key, t in d.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"add_signature: {what} keys must be non-empty strings, got {key!r}")
-        if not isinstance(t, (tf.Tensor, tf.SparseTensor)):
+        if not isinstance(t, (tf.Tensor, tf.SparseTensor, tf.RaggedTensor)):
             raise ValueError(f"add_signature: {what}[{key!r}] is a {type(t).__name__}; it "
-                             "should have one of the types Tensor, SparseTensor")
-        if t.graph is not graph:
+                             "should have one of the types Tensor, SparseTensor, RaggedTensor")
+        if any(c.graph is not graph for c in tf.nest.flatten(t, expand_composites=True)):
             raise ValueError(f"add_signature: {what}[{key!r}] is not in the graph of module_fn")
         if isinstance(t, tf.Tensor) and t.dtype._is_ref_dtype:  # pylint: disable=protected-access
             t = tf.identity(t)

@@ -419,8 +419,9 @@ class Module:
             feeds: Dict[str, tf.Tensor] = {}
             for key, info in sig.inputs.items():
                 value = converted[key]
-                parts = ([value.indices, value.values, value.dense_shape]
-                         if isinstance(value, tf.SparseTensor) else [value])
+                # A sparse or ragged value feeds its component tensors, in the order that
+                # the signature lists them (nest's flattening, as build_tensor_info's).
+                parts = tf.nest.flatten(value, expand_composites=True)
                 feeds.update(zip(tensor_names(info), parts))
             input_map = self._input_map_for(used & set(self._state))
             input_map.update({k: v for k, v in feeds.items() if k in used})
@@ -441,7 +442,11 @@ class Module:
         for key, info in sig.outputs.items():
             parts = [got[t] if t in got else self._input_map_for({t})[t]
                      for t in tensor_names(info)]
-            outputs[key] = tf.SparseTensor(*parts) if len(parts) == 3 else parts[0]
+            if out_infos[key].is_composite:
+                outputs[key] = tf.nest.pack_sequence_as(out_infos[key].type_spec, parts,
+                                                        expand_composites=True)
+            else:
+                outputs[key] = tf.SparseTensor(*parts) if len(parts) == 3 else parts[0]
         return outputs if as_dict else outputs["default"]
 
     def _variable_state_keys(self) -> Set[str]:
@@ -531,6 +536,18 @@ def _convert_inputs(inputs: Any, infos: Mapping[str, ParsedTensorInfo], signatur
     out = {}
     for key, info in infos.items():
         value = given[key]
+        if info.is_composite:
+            if isinstance(value, tf.compat.v1.ragged.RaggedTensorValue):
+                value = tf.ragged.constant(value.to_list(), dtype=info.dtype,
+                                           ragged_rank=info.type_spec.ragged_rank)
+            if not isinstance(value, tf.RaggedTensor):
+                raise TypeError(f"input {key!r} of signature {signature!r} must be a "
+                                "RaggedTensor")
+            if value.dtype != info.dtype or value.ragged_rank != info.type_spec.ragged_rank:
+                raise TypeError(f"input {key!r} of signature {signature!r} must be a "
+                                f"RaggedTensor like {info.type_spec}, got {value}")
+            out[key] = value
+            continue
         if info.is_sparse:
             if not isinstance(value, (tf.SparseTensor, v1.SparseTensorValue)):
                 raise TypeError(f"input {key!r} of signature {signature!r} must be a SparseTensor")
@@ -554,6 +571,16 @@ def _convert_inputs(inputs: Any, infos: Mapping[str, ParsedTensorInfo], signatur
     return out
 
 
+def _placeholder_for(name: str, info: ParsedTensorInfo) -> Any:
+    if info.is_composite:
+        spec = info.type_spec
+        return v1.ragged.placeholder(info.dtype, spec.ragged_rank,
+                                     value_shape=spec.shape[spec.ragged_rank + 1:], name=name)
+    shape = None if info.get_shape().rank is None else info.get_shape().as_list()
+    make = v1.sparse_placeholder if info.is_sparse else v1.placeholder
+    return make(info.dtype, shape=shape, name=name)
+
+
 @contextlib.contextmanager
 def eval_function_for_module(spec: Union[ModuleSpec, str], tags: Optional[Any] = None
                              ) -> Iterator[Callable[..., Any]]:
@@ -566,11 +593,8 @@ def eval_function_for_module(spec: Union[ModuleSpec, str], tags: Optional[Any] =
         fetches: Dict[str, Dict[str, Any]] = {}
         for sig in module.get_signature_names():
             with v1.name_scope(f"{sig}_inputs"):
-                feeds[sig] = {
-                    k: (v1.sparse_placeholder if info.is_sparse else v1.placeholder)(
-                        info.dtype, shape=(None if info.get_shape().rank is None
-                                           else info.get_shape().as_list()), name=k)
-                    for k, info in module.get_input_info_dict(sig).items()}
+                feeds[sig] = {k: _placeholder_for(k, info)
+                              for k, info in module.get_input_info_dict(sig).items()}
             fetches[sig] = module(feeds[sig], signature=sig, as_dict=True)
         init = [v1.global_variables_initializer(), v1.local_variables_initializer(),
                 v1.tables_initializer()]
