@@ -57,8 +57,9 @@ def case_is_a_keras3_layer_over_the_savedmodel_variables(ctx):
     from hubfast import keras_layer
 
     assert keras_layer.IS_KERAS_3 and keras.__version__.startswith("3."), keras.__version__
-    assert issubclass(hub.KerasLayer, keras.layers.Layer)
+    assert issubclass(hub.keras.KerasLayer, keras.layers.Layer)
     layer = hub.KerasLayer(ctx.model("training"), trainable=True)
+    assert type(layer) is hub.keras.KerasLayer and isinstance(layer, hub.KerasLayer)
     obj = layer.resolved_object
     # Every weight is a keras.Variable whose storage is the SavedModel's tf.Variable.
     assert all(isinstance(w, keras.Variable) for w in layer.weights)
@@ -333,8 +334,8 @@ def case_config_round_trip(ctx):
         tf.nest.assert_same_structure(a, b)
         assert all(_close(p, q) for p, q in zip(tf.nest.flatten(a), tf.nest.flatten(b)))
     # Registered for Keras serialization under the package "hubfast".
-    assert keras.saving.get_registered_name(hub.KerasLayer) == "hubfast>KerasLayer"
-    assert keras.saving.get_registered_object("hubfast>KerasLayer") is hub.KerasLayer
+    assert keras.saving.get_registered_name(hub.keras.KerasLayer) == "hubfast>KerasLayer"
+    assert keras.saving.get_registered_object("hubfast>KerasLayer") is hub.keras.KerasLayer
 
 
 @CASES.case
@@ -379,7 +380,7 @@ import hubfast.keras_layer  # registers hubfast>KerasLayer (import hubfast alone
 w = {str(work)!r}
 model = keras.models.load_model(os.path.join(w, "m.keras"))
 layer = model.layers[1]
-assert type(layer).__module__ == "hubfast.keras_layer", type(layer)
+assert type(layer).__module__ == "hubfast.keras", type(layer)
 assert layer.get_config()["tags"] == ["serve"]
 x = np.load(os.path.join(w, "x.npy"))
 np.testing.assert_allclose(model.predict(x, verbose=0), np.load(os.path.join(w, "y.npy")),
@@ -453,6 +454,104 @@ def case_tensorflow_hub_fails_under_keras3(ctx):
         pytest.skip("tensorflow_hub's KerasLayer unexpectedly works in the functional API")
     model = keras.Sequential([keras.Input(shape=(3,)), hub.KerasLayer(ctx.model("mul"))])
     assert _close(model(tf.ones([1, 3])), [[2.0, 2.0, 2.0]])
+
+
+@CASES.case(fresh=True)
+def case_tf_keras_and_keras3_models_in_one_process(ctx):
+    """The default environment (tf.keras is Keras 3) serves tf_keras programs as tensorflow_hub
+    does and Keras 3 programs too: one process trains and saves a tf_keras.Sequential and a
+    keras.Sequential, each over a hubfast.KerasLayer, and loads both back."""
+    import importlib.util
+
+    import numpy as np
+
+    tf, keras, hub = ctx.imports()
+    from hubfast import keras_layer
+
+    assert keras_layer.IS_KERAS_3
+    # Before anything imported tf_keras, nothing could use a tf_keras layer: Keras 3.
+    assert type(hub.KerasLayer(ctx.model("mul"))) is hub.keras.KerasLayer
+    import tf_keras
+
+    work = ctx.tmp("both")
+    x = np.arange(16, dtype=np.float32).reshape(4, 4) / 8.0
+    y = np.ones((4, 1), np.float32)
+
+    def tf_keras_program():
+        # Written for tensorflow_hub: names tf_keras, gets a tf_keras layer.
+        layer = hub.KerasLayer(ctx.model("training"), trainable=True)
+        model = tf_keras.Sequential([tf_keras.Input(shape=(4,)), layer,
+                                     tf_keras.layers.Dense(1, kernel_initializer="ones")])
+        model.compile(tf_keras.optimizers.SGD(0.1), "mse")
+        return layer, model
+
+    def keras3_program():
+        layer = hub.KerasLayer(ctx.model("training"), trainable=True)
+        model = keras.Sequential([keras.Input(shape=(4,)), layer,
+                                  keras.layers.Dense(1, kernel_initializer="ones")])
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        return layer, model
+
+    saved = {}
+    for label, program, save_path in (("tf_keras", tf_keras_program, work / "tfk_model"),
+                                      ("keras", keras3_program, work / "k3.keras")):
+        layer, model = program()
+        want = hub.tf_keras.KerasLayer if label == "tf_keras" else hub.keras.KerasLayer
+        assert type(layer) is want, (label, type(layer))
+        assert isinstance(layer, hub.KerasLayer)
+        kernel0 = layer.resolved_object.kernel.numpy().copy()
+        model.fit(x, y, epochs=2, verbose=0)
+        # The optimizer trained the SavedModel's own variables.
+        assert not _close(layer.resolved_object.kernel, kernel0), label
+        saved[label] = (str(save_path), model.predict(x, verbose=0))
+        model.save(str(save_path))
+
+    tfk = tf_keras.models.load_model(saved["tf_keras"][0])
+    assert type(tfk.layers[0]) is hub.tf_keras.KerasLayer, tfk.layers
+    assert _close(tfk.predict(x, verbose=0), saved["tf_keras"][1], rtol=1e-4)
+    k3 = keras.models.load_model(saved["keras"][0])
+    assert type(k3.layers[0]) is hub.keras.KerasLayer, k3.layers
+    assert _close(k3.predict(x, verbose=0), saved["keras"][1], rtol=1e-4)
+
+    # What tf_keras programs see of the layer, as with tensorflow_hub: the SavedModel's
+    # variables under their own names, shapes as TensorShape; from_config called by tf_keras'
+    # deserialisation builds a tf_keras layer.
+    def tf_keras_details():
+        layer = hub.KerasLayer(ctx.model("training"), trainable=True)
+        assert all(w.name.endswith(":0") for w in layer.weights), [w.name for w in layer.weights]
+        assert layer.trainable_weights[0] is layer.resolved_object.kernel
+        assert layer.compute_output_shape(tf.TensorShape([None, 4])) == tf.TensorShape([None, 3])
+        config = tf_keras.Sequential([tf_keras.Input(shape=(4,)), layer]).to_json()
+        clone = tf_keras.models.model_from_json(config, custom_objects={"KerasLayer": hub.KerasLayer})
+        assert type(clone.layers[0]) is hub.tf_keras.KerasLayer
+
+    tf_keras_details()
+
+    # One module importing both Kerases: each function gets the Keras its code refers to;
+    # code naming both gets tensorflow_hub's kind.
+    program = ctx.tmp("program") / "program_using_both.py"
+    program.write_text(
+        "import keras\nimport tf_keras\nimport hubfast as hub\n\n"
+        "def legacy(h):\n    return tf_keras.Sequential([hub.KerasLayer(h)])\n\n"
+        "def new(h):\n    return keras.Sequential([hub.KerasLayer(h)])\n\n"
+        "def both(h):\n    return hub.KerasLayer(h), keras.layers, tf_keras.layers\n")
+    spec = importlib.util.spec_from_file_location("program_using_both", program)
+    both_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(both_module)
+    mul = ctx.model("mul")
+    assert type(both_module.legacy(mul).layers[0]) is hub.tf_keras.KerasLayer
+    assert type(both_module.new(mul).layers[0]) is hub.keras.KerasLayer
+    assert type(both_module.both(mul)[0]) is hub.tf_keras.KerasLayer
+
+    # Explicit flavours, whatever the code names.
+    def names_tf_keras_wants_keras3():
+        return tf_keras, hub.keras.KerasLayer(mul)
+
+    assert type(names_tf_keras_wants_keras3()[1]) is hub.keras.KerasLayer
+    assert type(hub.tf_keras.KerasLayer(mul)) is hub.tf_keras.KerasLayer
+    assert issubclass(hub.keras.KerasLayer, hub.KerasLayer)
+    assert issubclass(hub.tf_keras.KerasLayer, hub.KerasLayer)
+    assert not isinstance(object(), hub.KerasLayer)
 
 
 @CASES.case(fresh=True)
@@ -602,6 +701,10 @@ def test_import_hubfast_does_not_import_tensorflow():
             "assert 'hubfast.keras_layer' not in sys.modules\n")
     proc = th.run_python(code, th.worker_env(), timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_tf_keras_and_keras3_models_in_one_process(tmp_path):
+    CASES.run_fresh("tf_keras_and_keras3_models_in_one_process", tmp_path)
 
 
 def test_mirrored_strategy(tmp_path):

@@ -53,9 +53,24 @@ def case_uses_tf_keras(ctx):
 
     assert not keras_layer.IS_KERAS_3, keras_layer.KERAS_VERSION
     assert keras is tf_keras
-    assert issubclass(hub.KerasLayer, tf_keras.layers.Layer)
-    model = tf_keras.Sequential([hub.KerasLayer(ctx.model("mul"))])
+    assert issubclass(hub.tf_keras.KerasLayer, tf_keras.layers.Layer)
+    layer = hub.KerasLayer(ctx.model("mul"))
+    assert type(layer) is hub.tf_keras.KerasLayer and isinstance(layer, hub.KerasLayer)
+    model = tf_keras.Sequential([layer])
     assert _close(model(tf.constant([1.0, 3.0])), [2.0, 6.0])
+
+
+@CASES.case
+def case_explicit_keras3_layer_under_legacy_keras(ctx):
+    """tf.keras is tf_keras here, yet code that names hubfast.keras.KerasLayer gets a Keras 3
+    layer for its keras.Sequential."""
+    tf, _, hub = ctx.imports()
+    import keras as keras3
+
+    layer = hub.keras.KerasLayer(ctx.model("mul"))
+    assert isinstance(layer, keras3.layers.Layer) and isinstance(layer, hub.KerasLayer)
+    model = keras3.Sequential([keras3.Input(shape=(2,)), layer])
+    assert _close(model(tf.constant([[1.0, 3.0]])), [[2.0, 6.0]])
 
 
 @CASES.case
@@ -343,7 +358,7 @@ def case_config_round_trip(ctx):
     path = str(ctx.tmp("keras") / "m.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    assert type(loaded.layers[1]) is hub.KerasLayer
+    assert type(loaded.layers[1]) is hub.tf_keras.KerasLayer
     assert loaded.layers[1].get_config()["tags"] == ["serve"]
     assert _close(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 

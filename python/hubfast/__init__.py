@@ -57,8 +57,9 @@ _LAZY = {
 }
 
 # Submodules that import TensorFlow, reachable as attributes (hub.feature_column) like
-# tensorflow_hub's.
-_LAZY_SUBMODULES = ("feature_column", "image_util", "module_v1", "module_spec", "keras_layer")
+# tensorflow_hub's; one per Keras flavour (hub.keras.KerasLayer, hub.tf_keras.KerasLayer).
+_LAZY_SUBMODULES = ("feature_column", "image_util", "module_v1", "module_spec", "keras_layer",
+                    "keras", "tf_keras")
 
 
 def __getattr__(name: str) -> Any:
