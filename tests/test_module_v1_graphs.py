@@ -332,6 +332,44 @@ def case_ragged_signature(ctx):
     assert again.to_list() == [[70], [80, 90]]
 
 
+@CASES.case
+def case_partitioned_variables(ctx):
+    """A variable split in parts (a partitioner): variable_map lists its parts in order, the
+    in-memory spec starts from the initializer, and the exported module restores each part
+    from its slice of the checkpoint."""
+    tf, _, _ = ctx.imports()
+    np = __import__("numpy")
+    import hubfast as hub
+
+    v1 = tf.compat.v1
+    table = np.arange(14, dtype=np.float32).reshape(7, 2)
+
+    def fn():
+        w = v1.get_variable("table", initializer=tf.constant(table),
+                            partitioner=v1.fixed_size_partitioner(3))
+        hub.add_signature(outputs=tf.convert_to_tensor(w) * 2.0)
+
+    path = str(ctx.tmp("parts") / "m")
+    with tf.Graph().as_default():
+        m = hub.Module(hub.create_module_spec(fn), name="emb")
+        parts = m.variable_map["table"]
+        assert [p.name for p in parts] == [f"emb/table/part_{i}:0" for i in range(3)]
+        assert len(m.variables) == 3
+        out = m()
+        with v1.Session() as sess:
+            sess.run(v1.global_variables_initializer())
+            np.testing.assert_allclose(sess.run(out), table * 2)
+            sess.run(parts[0].assign(parts[0] + 100.0))
+            m.export(path, sess)
+    want = table * 2
+    want[:3] += 200.0
+    with tf.Graph().as_default():
+        out = hub.Module(path)()
+        with v1.Session() as sess:
+            sess.run(v1.global_variables_initializer())
+            np.testing.assert_allclose(sess.run(out), want)
+
+
 # ---------------------------------------------------------------------------
 # pytest side
 # ---------------------------------------------------------------------------

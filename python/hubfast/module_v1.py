@@ -247,6 +247,7 @@ class Module:
             self._scope = scope  # e.g. "module/" or "module_1/"
         self._name = scope[:-1]
         self._variable_map: Dict[str, tf.Variable] = {}
+        self._partitions: Set[str] = set()  # full names of partitioned variables
         self._state: Dict[str, tf.Tensor] = {}  # module tensor name -> tensor in this graph
         with self._graph.as_default(), v1.name_scope(self._scope):
             self._create_state()
@@ -278,12 +279,19 @@ class Module:
         if ckpt is not None:
             in_ckpt = dict(tf.train.list_variables(ckpt))
         all_vars = [(vd, True) for vd in idx.global_vars] + [(vd, False) for vd in idx.local_vars]
-        sliced = [vd.variable_name for vd, _ in all_vars if vd.HasField("save_slice_info_def")]
-        if sliced:
-            raise NotImplementedError(f"hub.Module: partitioned variables {sliced} are not "
-                                      "supported")
+        # A partitioned variable's parts are saved as slices of one checkpoint key.
+        slices: Dict[str, Tuple[str, str]] = {}
+        for vd, _ in all_vars:
+            if vd.HasField("save_slice_info_def"):
+                info = v1.Variable.SaveSliceInfo(save_slice_info_def=vd.save_slice_info_def)
+                slices[vd.variable_name.split(":")[0]] = (info.full_name, info.spec)
+        self._partitions = {full for full, _ in slices.values()}
+
+        def ckpt_key(name: str) -> str:
+            return slices[name][0] if name in slices else name
+
         needs_init = [vd for vd, is_global in all_vars
-                      if not (is_global and vd.variable_name.split(":")[0] in in_ckpt)]
+                      if not (is_global and ckpt_key(vd.variable_name.split(":")[0]) in in_ckpt)]
         initial: Dict[str, Callable[[], tf.Tensor]] = {}
         if needs_init:
             initial = self._initial_value_fns(needs_init)
@@ -295,9 +303,10 @@ class Module:
             if name in initial:
                 init_fn: Callable[[], tf.Tensor] = initial[name]
             else:
-                def init_fn(key=name, dtype=dtype, shape=shape):
+                def init_fn(key=ckpt_key(name), spec=slices.get(name, ("", ""))[1],
+                            dtype=dtype, shape=shape):
                     t = tf.raw_ops.RestoreV2(prefix=ckpt, tensor_names=[key],
-                                             shape_and_slices=[""], dtypes=[dtype])[0]
+                                             shape_and_slices=[spec], dtypes=[dtype])[0]
                     t.set_shape(shape)
                     return t
             # Inside a function (tf.function, Defun, wrap_function) the variables live outside
@@ -494,13 +503,25 @@ class Module:
                                                required=required)
 
     @property
-    def variable_map(self) -> Dict[str, tf.Variable]:
-        """The module's variable names (``"dense/kernel"``) -> this graph's variables."""
-        return dict(self._variable_map)
+    def variable_map(self) -> Dict[str, Any]:
+        """The module's variable names (``"dense/kernel"``) -> this graph's variables; a
+        partitioned variable maps to the list of its parts, in order."""
+        out: Dict[str, Any] = {}
+        for name, var in sorted(self._variable_map.items()):
+            full, _, part = name.rpartition("/part_")
+            if full in self._partitions and part.isdigit():
+                out.setdefault(full, []).append((int(part), var))
+            else:
+                out[name] = var
+        return {k: [v for _, v in sorted(v)] if isinstance(v, list) else v
+                for k, v in sorted(out.items())}
 
     @property
     def variables(self) -> List[tf.Variable]:
-        return list(self._variable_map.values())
+        out: List[tf.Variable] = []
+        for v in self.variable_map.values():
+            out.extend(v if isinstance(v, list) else [v])
+        return out
 
     @property
     def name(self) -> str:
