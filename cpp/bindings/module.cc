@@ -14,6 +14,7 @@
 #include "hubfast/cache.h"
 #include "hubfast/decode.h"
 #include "hubfast/error.h"
+#include "hubfast/extract.h"
 #include "hubfast/fetch.h"
 #include "hubfast/lock.h"
 #include "hubfast/pipeline.h"
@@ -35,6 +36,7 @@ const char* kind_name(ErrorKind k) {
     case ErrorKind::kLimit: return "limit";
     case ErrorKind::kDiskFull: return "disk_full";
     case ErrorKind::kAccessDenied: return "access_denied";
+    case ErrorKind::kUnsafeCache: return "unsafe_cache";
     case ErrorKind::kTimeout: return "timeout";
     case ErrorKind::kLock: return "lock";
     case ErrorKind::kCancelled: return "cancelled";
@@ -321,11 +323,13 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "lookup_entry",
-      [](const std::string& root, const std::string& name) {
-        Lookup l = lookup_entry(root, name);
+      [](const std::string& root, const std::string& name, const std::string& sha256) {
+        Lookup l = lookup_entry(root, name, sha256);
         return py::make_tuple(entry_state_name(l.state), l.path, l.reason);
       },
-      py::arg("root"), py::arg("name"), "Warm lookup: (state, path, reason).");
+      py::arg("root"), py::arg("name"), py::arg("sha256") = "",
+      "Warm lookup: (state, path, reason); with sha256, an entry whose manifest records another "
+      "archive digest, or none, is 'unpinned'.");
 
   m.def(
       "verify_entry",

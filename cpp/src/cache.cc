@@ -107,10 +107,12 @@ std::string field(std::string* rest) {
 // kNone: no manifest (tensorflow_hub's entry). kBad: one that doesn't parse, or was cut
 // short (every line ends in a newline; version 2 ends with "e <file count>").
 ManifestRead read_manifest(const std::string& path, Manifest* m) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return errno == ENOENT ? ManifestRead::kNone : ManifestRead::kBad;
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad() || text.empty() || text.back() != '\n') return ManifestRead::kBad;
+  // Read through no link and from nothing but a regular file (a planted FIFO would hang).
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) return errno == ENOENT ? ManifestRead::kNone : ManifestRead::kBad;
+  if (!S_ISREG(st.st_mode)) return ManifestRead::kBad;
+  std::string text = read_small_file(path, size_t(1) << 30);
+  if (text.empty() || text.back() != '\n') return ManifestRead::kBad;
   size_t pos = text.find('\n');
   std::string magic = text.substr(0, pos);
   bool v2 = magic == kManifestMagic;
@@ -163,9 +165,11 @@ void fsync_tree(int fd) {
   ::fsync(fd);
 }
 
+// Written beside its final name under a name no other user can predict, created
+// exclusively (a planted link or file there is never written through), then renamed.
 void write_file_atomic(int root_fd, const std::string& name, const std::string& content) {
-  std::string tmp = name + ".tmp" + std::to_string(::getpid());
-  Fd fd(::openat(root_fd, tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  std::string tmp = name + ".hf" + random_token(24) + ".new";
+  Fd fd(::openat(root_fd, tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
   if (!fd) throw_errno("cannot write '" + name + "'", errno);
   const char* p = content.data();
   size_t n = content.size();
@@ -285,6 +289,7 @@ const char* entry_state_name(EntryState s) {
     case EntryState::kComplete: return "complete";
     case EntryState::kForeign: return "foreign";
     case EntryState::kBroken: return "broken";
+    case EntryState::kUnpinned: return "unpinned";
   }
   return "?";
 }
@@ -331,6 +336,7 @@ Lookup lookup_once(const std::string& root, const std::string& name, bool* moved
     r.state = dir_nonempty(r.path) ? EntryState::kForeign : EntryState::kMissing;
     return r;
   }
+  r.sha256 = m.archive_sha256;
   for (auto& f : m.files) {
     struct stat fs;
     std::string problem;
@@ -353,7 +359,7 @@ Lookup lookup_once(const std::string& root, const std::string& name, bool* moved
 
 }  // namespace
 
-Lookup lookup_entry(const std::string& root, const std::string& name) {
+Lookup lookup_entry(const std::string& root, const std::string& name, const std::string& pin) {
   bool moved = false;
   Lookup r = lookup_once(root, name, &moved);
   for (int i = 0; moved && i < 2; i++) r = lookup_once(root, name, &moved);
@@ -361,12 +367,20 @@ Lookup lookup_entry(const std::string& root, const std::string& name) {
     r.state = EntryState::kMissing;
     r.reason.clear();
   }
+  if (!pin.empty() && usable(r) && r.sha256 != pin) {
+    r.reason = r.sha256.empty() ? "no archive sha256 recorded (fetched without a pin, or not by hubfast)"
+                                : "archive sha256 " + r.sha256 + " recorded, not the pinned " + pin;
+    r.state = EntryState::kUnpinned;
+  }
   return r;
 }
 
 EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_source, const PollFn& poll) {
   EntryResult res;
-  Lookup l = lookup_entry(req.root, req.name);
+  // A pinned entry is usable only when its manifest records the pinned digest;
+  // otherwise it is fetched again and swapped in like a broken one.
+  const std::string& pin = req.extract.expected_sha256;
+  Lookup l = lookup_entry(req.root, req.name, pin);
   res.path = l.path;
   if (usable(l)) return res;
 
@@ -377,16 +391,16 @@ EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_sour
   EntryLock lock = EntryLock::acquire(req.root, req.name, req.lock_mode, req.lock_timeout, wait_poll, req.heartbeat);
 
   // Somebody may have finished while we waited.
-  l = lookup_entry(req.root, req.name);
+  l = lookup_entry(req.root, req.name, pin);
   if (usable(l)) return res;
 
   // tensorflow_hub's lock too, named after our temp dir so that its waiters
   // see the download progress; it may publish the entry while we wait.
   std::string token = "hf" + random_token(30);
   TfhubLock tflock = TfhubLock::acquire(req.root, req.name, token, req.lock_timeout, req.tfhub_stale, wait_poll,
-                                        [&] { return usable(lookup_entry(req.root, req.name)); });
+                                        [&] { return usable(lookup_entry(req.root, req.name, pin)); });
   res.lock_wait = std::chrono::duration<double>(Clock::now() - t_lock).count();
-  l = lookup_entry(req.root, req.name);
+  l = lookup_entry(req.root, req.name, pin);
   if (!tflock.held() || usable(l)) return res;
 
   remove_dead_temps(root.get(), req.root, req.name, lock.mode(), req.heartbeat.stale);
@@ -430,7 +444,7 @@ EntryResult ensure_entry(const EntryRequest& req, const SourceFactory& make_sour
     o << "e " << res.stats.tree.size() << "\n";
     std::string manifest_name = req.name + ".hubfast";
 
-    if (l.state == EntryState::kBroken) {
+    if (l.state == EntryState::kBroken || l.state == EntryState::kUnpinned) {
       // Swap the good tree in atomically; readers never see a missing entry.
       if (::renameat2(root.get(), temp.c_str(), root.get(), req.name.c_str(), RENAME_EXCHANGE) != 0)
         throw_errno("cannot replace the broken entry '" + l.path + "'", errno);

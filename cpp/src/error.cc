@@ -22,6 +22,9 @@ void throw_errno(const std::string& what, int err) {
     case ENOENT:
       kind = ErrorKind::kNotFound;
       break;
+    case ELOOP:  // O_NOFOLLOW met a link: planted by someone, never followed
+      kind = ErrorKind::kUnsafeCache;
+      break;
     default:
       break;
   }

@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/random.h>
 #include <sys/statfs.h>
 #include <unistd.h>
 
@@ -53,14 +54,23 @@ class Waiter {
   int sleep_ms_ = 1;
 };
 
-std::string read_small(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 }  // namespace
+
+std::string read_small_file(const std::string& path, size_t max) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
+  struct stat st;
+  if (!fd || ::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode)) return "";
+  std::string out(std::min<size_t>(max, size_t(st.st_size)), '\0');
+  size_t got = 0;
+  while (got < out.size()) {
+    ssize_t n = ::read(fd.get(), &out[got], out.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += size_t(n);
+  }
+  out.resize(got);
+  return out;
+}
 
 bool pid_alive(long pid) {
   if (pid <= 0) return true;  // unknown: assume alive
@@ -81,17 +91,24 @@ std::string host_name() {
 }
 
 std::string random_token(size_t n) {
-  static thread_local std::mt19937_64 rng{std::random_device{}() ^ uint64_t(::getpid()) << 32};
   static const char* kHex = "0123456789abcdef";
+  std::vector<uint8_t> bytes((n + 1) / 2);
+  size_t got = 0;
+  while (got < bytes.size()) {
+    ssize_t r = ::getrandom(bytes.data() + got, bytes.size() - got, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) throw_errno("getrandom", errno);
+    got += size_t(r);
+  }
   std::string s;
-  for (size_t i = 0; i < n; ++i) s.push_back(kHex[rng() & 15]);
+  for (size_t i = 0; i < n; ++i) s.push_back(kHex[(bytes[i / 2] >> (i % 2 ? 4 : 0)) & 15]);
   return s;
 }
 
 bool create_exclusive(const std::string& path, const std::string& content) {
   std::string tmp = path + "." + random_token(12) + ".new";
   {
-    Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+    Fd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
     if (!fd) throw_errno("cannot create '" + tmp + "'", errno);
     if (::write(fd.get(), content.data(), content.size()) != ssize_t(content.size())) {
       int e = errno;
@@ -108,13 +125,19 @@ bool create_exclusive(const std::string& path, const std::string& content) {
 }
 
 FileLock FileLock::try_acquire(const std::string& path, bool exclusive) {
-  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  // No link is followed and nothing but a regular file is locked: a link planted
+  // for the name must not make us create or lock a file elsewhere (/etc/nologin).
+  constexpr int kFlags = O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC;
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | kFlags, 0666);
   int create_errno = errno;
-  if (fd < 0 && !exclusive) fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0 && !exclusive && errno != ELOOP) fd = ::open(path.c_str(), O_RDONLY | kFlags);
   // Missing and not creatable (a read-only mount, another user's layer): report why it
   // could not be created (EROFS/EACCES: access denied), not that it is missing.
   if (fd < 0) throw_errno("cannot open lock file '" + path + "'", errno == ENOENT ? create_errno : errno);
   Fd guard(fd);
+  struct stat st;
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+    throw Error(ErrorKind::kUnsafeCache, "lock file '" + path + "' is not a regular file");
   if (::flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0) return FileLock(std::move(guard));
   if (errno != EWOULDBLOCK) throw_errno("cannot lock '" + path + "'", errno);
   return FileLock();
@@ -140,8 +163,8 @@ struct HeartbeatLock::State {
   void run(double beat) {
     std::unique_lock<std::mutex> lk(mu);
     while (!cv.wait_for(lk, std::chrono::duration<double>(beat), [&] { return stop; })) {
-      ::utimensat(AT_FDCWD, path.c_str(), nullptr, 0);
-      for (auto& p : touch) ::utimensat(AT_FDCWD, p.c_str(), nullptr, 0);
+      ::utimensat(AT_FDCWD, path.c_str(), nullptr, AT_SYMLINK_NOFOLLOW);
+      for (auto& p : touch) ::utimensat(AT_FDCWD, p.c_str(), nullptr, AT_SYMLINK_NOFOLLOW);
     }
   }
 };
@@ -170,7 +193,7 @@ void HeartbeatLock::release() {
   st_->cv.notify_all();
   st_->beater.join();
   // Remove the lock file only while it is still ours (not taken over).
-  if (read_small(st_->path) == st_->content) ::unlink(st_->path.c_str());
+  if (read_small_file(st_->path) == st_->content) ::unlink(st_->path.c_str());
   st_.reset();
 }
 
@@ -190,7 +213,7 @@ HeartbeatLock HeartbeatLock::acquire(const std::string& path, double timeout, co
     }
     struct stat st;
     if (::stat(path.c_str(), &st) == 0) {
-      std::istringstream owner(read_small(path));
+      std::istringstream owner(read_small_file(path));
       std::string host;
       long pid = 0;
       owner >> host >> pid;

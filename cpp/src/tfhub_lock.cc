@@ -20,13 +20,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string read_small(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
 struct Owner {
   std::string host, task_uid;
   long pid = -1;
@@ -66,7 +59,7 @@ uint64_t tree_bytes(const std::string& path) {
 
 void TfhubLock::release() {
   if (path_.empty()) return;
-  if (read_small(path_) == content_) ::unlink(path_.c_str());
+  if (read_small_file(path_) == content_) ::unlink(path_.c_str());
   path_.clear();
 }
 
@@ -89,7 +82,7 @@ TfhubLock TfhubLock::acquire(const std::string& root, const std::string& name, c
     }
     if (ready && ready()) return TfhubLock();
 
-    std::string cur = read_small(path);
+    std::string cur = read_small_file(path);
     Owner o;
     bool parsed = parse_owner(cur, &o);
     std::string their_tmp = parsed ? root + "/" + name + "." + o.task_uid + ".tmp" : "";
@@ -107,7 +100,7 @@ TfhubLock TfhubLock::acquire(const std::string& root, const std::string& name, c
       }
     }
     if (stale) {
-      if (read_small(path) == cur) ::unlink(path.c_str());
+      if (read_small_file(path) == cur) ::unlink(path.c_str());
       if (parsed && !o.task_uid.empty() && o.task_uid.find('/') == std::string::npos) {
         Fd rootfd(::open(root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
         if (rootfd) remove_tree_at(rootfd.get(), name + "." + o.task_uid + ".tmp");

@@ -12,7 +12,7 @@ from .cache import last_stats
 from .errors import (AccessDeniedError, ArchiveLimitError, DiskFullError, DownloadTimeoutError,
                      HTTPStatusError, HubfastError, IntegrityError, LockTimeoutError,
                      NetworkError, NotAModelError, NotFoundError, OfflineError,
-                     UnsafeArchiveError)
+                     UnsafeArchiveError, UnsafeCacheError)
 from .loading import load, resolve
 from .prefetch import Prefetch, prefetch
 from .tfhub_compat import install
@@ -29,7 +29,8 @@ __all__ = [
     "attach_image_module_info", "ImageModuleInfo", "register_resolver", "unregister_resolver", "Resolver", "last_stats", "errors",
     "HubfastError", "NotFoundError", "NetworkError", "HTTPStatusError", "IntegrityError",
     "UnsafeArchiveError", "ArchiveLimitError", "DiskFullError", "AccessDeniedError",
-    "DownloadTimeoutError", "LockTimeoutError", "OfflineError", "NotAModelError", "__version__",
+    "DownloadTimeoutError", "LockTimeoutError", "OfflineError", "NotAModelError",
+    "UnsafeCacheError", "__version__",
 ]
 
 _LAZY = {

@@ -8,7 +8,7 @@ import logging
 import threading
 from typing import Any, Callable, Dict, Iterator, Optional
 
-from . import config, errors, progress
+from . import config, errors, progress, trust
 from . import _core
 
 logger = logging.getLogger("hubfast")
@@ -108,18 +108,30 @@ class Entry:
             "(by `hubfast rm`/`prune` or another cleaner); try again")
 
 
-def _lookup(handle: str, name: str, s: config.Settings,
-            refresh: Callable[[], Entry]) -> Optional[Entry]:
-    for layer in s.cache_layers:
-        state, path, _ = _core.lookup_entry(layer, name)
+def _lookup(handle: str, name: str, s: config.Settings, refresh: Callable[[], Entry],
+            sha256: str = "") -> Optional[Entry]:
+    """The usable entry in a layer or the cache, else None. With a pin, an entry satisfies
+    it only when its manifest records that archive digest; offline, one that doesn't is an
+    IntegrityError (it cannot be fetched again to check it)."""
+    unpinned = []
+    for root, what in [(layer, "cache layer") for layer in s.cache_layers] + [
+            (s.cache_dir, "cache directory")]:
+        trust.check(root, what, s)
+        state, path, reason = _core.lookup_entry(root, name, sha256)
         if state in ("complete", "foreign"):
-            return Entry(path, layer, name, refresh)
-    state, path, reason = _core.lookup_entry(s.cache_dir, name)
-    if state in ("complete", "foreign"):
-        return Entry(path, s.cache_dir, name, refresh)
-    if state == "broken":
-        logger.warning("hubfast: cache entry %s for %s is broken (%s); fetching it again",
-                       path, handle, reason)
+            trust.check_entry(root, name, s)
+            return Entry(path, root, name, refresh)
+        if state == "unpinned":
+            unpinned.append(f"{path}: {reason}")
+        elif state == "broken" and root == s.cache_dir:
+            logger.warning("hubfast: cache entry %s for %s is broken (%s); fetching it again",
+                           path, handle, reason)
+    if unpinned and s.offline:
+        raise errors.IntegrityError(
+            f"{handle}: pinned to archive sha256 {sha256}, but the cached "
+            f"{'entries do' if len(unpinned) > 1 else 'entry does'} not record it ("
+            + "; ".join(unpinned) + f") and {config.OFFLINE_ENV} is set; fill the cache with "
+            "`hubfast fetch` under the same pins")
     return None
 
 
@@ -132,7 +144,7 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
     def refresh() -> Entry:
         return fetch_entry(handle, path=path, url=url, fetch=fetch, sha256=sha256, name=name)
 
-    found = _lookup(handle, name, s, refresh)
+    found = _lookup(handle, name, s, refresh, sha256)
     if found is not None:
         _record({"handle": handle, "path": found.path, "cached": True})
         return found
@@ -143,6 +155,7 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
             f"(searched: {searched}); unset it or fill a cache with `hubfast fetch`")
     limits = {"max_total_bytes": s.max_extract_bytes, "max_members": s.max_members,
               "decode_threads": s.decode_threads}
+    trust.prepare_root(s.cache_dir, s)
     bar = progress.make_progress(progress.label(handle), s.show_progress)
     swarm_opts, swarm_dir = None, None
     if url and s.swarm:

@@ -38,6 +38,8 @@ MAX_RETRIES_ENV = "HUBFAST_MAX_RETRIES"
 MAX_EXTRACT_BYTES_ENV = "HUBFAST_MAX_EXTRACT_BYTES"
 MAX_MEMBERS_ENV = "HUBFAST_MAX_MEMBERS"
 PINS_ENV = "HUBFAST_PINS"  # file of "<handle> <sha256>" lines
+# A team cache: a group whose members may own and write cache dirs, or "any" (trust.py)
+TRUSTED_GROUP_ENV = "HUBFAST_TRUSTED_GROUP"
 MIRRORS_ENV = "HUBFAST_MIRRORS"  # "prefix=replacement" pairs, comma-separated
 SWARM_ENV = "HUBFAST_SWARM"  # a BitTorrent tracker's announce URL: swarm mode on
 SWARM_INTERFACE_ENV = "HUBFAST_SWARM_INTERFACE"  # address swarm traffic uses; default any
@@ -144,6 +146,12 @@ class Settings:
     swarm_interface: str = ""
     swarm_discovery: tuple = ()
     swarm_encryption: bool = False
+    trusted_group: str = ""  # "", a group name or gid, or "any"
+    cache_dir_is_default: bool = False  # $TMPDIR/tfhub_modules: created 0700
+
+
+def _cache_dir_named() -> Optional[str]:
+    return os.environ.get(CACHE_DIR_ENV) or _absl_cache_dir()
 
 
 def cache_dir() -> str:
@@ -151,8 +159,7 @@ def cache_dir() -> str:
 
     A ``file:///abs/path`` URL means ``/abs/path`` (tensorflow_hub passes it to tf.io.gfile).
     """
-    return paths.local_path(os.environ.get(CACHE_DIR_ENV) or _absl_cache_dir()
-                            or os.path.join(tempfile.gettempdir(), "tfhub_modules"))
+    return paths.local_path(_cache_dir_named() or os.path.join(tempfile.gettempdir(), "tfhub_modules"))
 
 
 def _mirrors() -> tuple:
@@ -206,6 +213,8 @@ def settings() -> Settings:
         swarm_discovery=tuple(d.strip().lower() for d in
                               os.environ.get(SWARM_DISCOVERY_ENV, "").split(",") if d.strip()),
         swarm_encryption=_flag(SWARM_ENCRYPTION_ENV),
+        trusted_group=os.environ.get(TRUSTED_GROUP_ENV, "").strip(),
+        cache_dir_is_default=not _cache_dir_named(),
     )
 
 

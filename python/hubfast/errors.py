@@ -25,6 +25,7 @@ __all__ = [
     "ArchiveLimitError",
     "DiskFullError",
     "AccessDeniedError",
+    "UnsafeCacheError",
     "DownloadTimeoutError",
     "LockTimeoutError",
     "OfflineError",
@@ -139,6 +140,23 @@ class AccessDeniedError(HubfastError, PermissionError):
         return self.args[0]
 
 
+class UnsafeCacheError(HubfastError, PermissionError):
+    """A cache root, entry or file that another user could have planted or can change.
+
+    hubfast trusts a cache directory only when it is owned by this user or root and
+    no one else may write to it (see docs/reliability.md); the message names the
+    path, its owner and mode, and the fix: a private TFHUB_CACHE_DIR, or
+    HUBFAST_TRUSTED_GROUP for a team cache. Not an AccessDeniedError, so code that
+    tolerates a read-only cache does not tolerate this."""
+
+    def __init__(self, message: str, code: int = _errno.EPERM) -> None:
+        PermissionError.__init__(self, code, message)
+        self.args = (message,)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 class DownloadTimeoutError(NetworkError, TimeoutError):
     """The server stalled or could not be reached within the configured timeouts."""
 
@@ -203,6 +221,8 @@ def _from_native(kind: str, message: str, code: int) -> BaseException:
     if kind == "access_denied":
         return HTTPAccessDeniedError(message, code) if code >= 100 else AccessDeniedError(
             message, code or _errno.EACCES)
+    if kind == "unsafe_cache":
+        return UnsafeCacheError(message, code or _errno.ELOOP)
     if kind == "timeout":
         return DownloadTimeoutError(message, code)
     if kind == "lock":

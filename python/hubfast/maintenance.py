@@ -158,6 +158,14 @@ def read_descriptor(root: str, name: str) -> Tuple[Optional[str], Optional[str]]
     return handle, when
 
 
+def _is_real_dir(path: str) -> bool:
+    """A directory, not a link to one (a link in a shared root may be planted)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _mtime(path: str) -> float:
     try:
         return os.lstat(path).st_mtime
@@ -272,8 +280,8 @@ def entry_info(root: str, name: str, members: Optional[Iterable[str]] = None,
     members = list(members)
     path = os.path.join(root, name)
     temps = sorted(n for n in members if n.endswith(".tmp") and n != name
-                   and os.path.isdir(os.path.join(root, n)))
-    olds = sorted(n for n in members if n.endswith(".old") and os.path.isdir(os.path.join(root, n)))
+                   and _is_real_dir(os.path.join(root, n)))
+    olds = sorted(n for n in members if n.endswith(".old") and _is_real_dir(os.path.join(root, n)))
     has_dir = name in members
     has_descriptor = name + ".descriptor.txt" in members
     has_manifest = name + ".hubfast" in members
@@ -472,7 +480,7 @@ def _remove_locked(root: str, name: str, result: RemoveResult) -> None:
         tfhub_live = tfhub_lock_writer(root, name) is not None
         for n in members:
             full = os.path.join(root, n)
-            if n == name or not os.path.isdir(full):
+            if n == name or not _is_real_dir(full):
                 continue
             if n.endswith(".old") or (n.endswith(".tmp") and (n.startswith(name + ".hf")
                                                                or not tfhub_live)):

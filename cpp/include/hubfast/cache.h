@@ -15,18 +15,23 @@
 
 namespace hubfast {
 
-enum class EntryState { kMissing, kComplete, kForeign, kBroken };
+// kUnpinned: complete or foreign, but its manifest records no archive sha256, or
+// another one than the pin asked for: it satisfies no pin.
+enum class EntryState { kMissing, kComplete, kForeign, kBroken, kUnpinned };
 const char* entry_state_name(EntryState s);
 
 struct Lookup {
   EntryState state = EntryState::kMissing;
   std::string path;     // <root>/<name>
-  std::string reason;   // for kBroken: what was wrong
+  std::string reason;   // for kBroken and kUnpinned: what was wrong
+  std::string sha256;   // the archive's sha256 its manifest records ("" when none)
 };
 
 // Warm lookup: stat calls only. kForeign: a non-empty directory without a
 // matching manifest (tensorflow_hub wrote it): usable as it is.
-Lookup lookup_entry(const std::string& root, const std::string& name);
+// With a `pin` (sha256 hex), an entry whose manifest does not record that digest
+// is kUnpinned.
+Lookup lookup_entry(const std::string& root, const std::string& name, const std::string& pin = "");
 
 struct EntryRequest {
   std::string root, name, handle;

@@ -15,6 +15,7 @@ enum class ErrorKind {
   kLimit,          // archive exceeds a configured limit (bomb)
   kDiskFull,       // ENOSPC / EDQUOT
   kAccessDenied,   // EACCES / EPERM / EROFS, HTTP 401/403
+  kUnsafeCache,    // a link or a non-regular file where the cache creates one (ELOOP)
   kTimeout,        // network stall or connect timeout
   kLock,           // lock wait timed out
   kCancelled,      // the caller asked to stop (Ctrl-C)

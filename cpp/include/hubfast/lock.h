@@ -81,9 +81,14 @@ class EntryLock {
 // link()ed into place): false if it already exists. Readers never see it empty.
 bool create_exclusive(const std::string& path, const std::string& content);
 
+// The content of a small regular file (at most `max` bytes), "" when it is
+// missing, a link, a FIFO or a device: files in a shared cache are hostile.
+std::string read_small_file(const std::string& path, size_t max = 1 << 16);
+
 // Whether a process with this pid exists on this host.
 bool pid_alive(long pid);
 std::string host_name();
+// Hex digits from the kernel's CSPRNG: names no other user can predict.
 std::string random_token(size_t hex_chars);
 
 }  // namespace hubfast
