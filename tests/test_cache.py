@@ -167,10 +167,9 @@ def test_waits_for_a_live_tensorflow_hub_lock_and_takes_over_when_it_dies(tmp_pa
     handle = f"file://{small_archive}"
     from hubfast.resolvers import LocalArchiveResolver
 
-    st = small_archive.stat()
-    import hashlib
+    from hubfast.resolvers import describe
 
-    name = hashlib.sha1(f"{handle}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    name = describe(handle)["entry_name"]
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     (cache / f"{name}.abc123.tmp").mkdir()
     lock = _tfhub_lock(cache, name, holder.pid, "abc123")
