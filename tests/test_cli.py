@@ -791,7 +791,7 @@ def test_pack_auto_gzip_and_errors(model_dir, tmp_path):
     (linked / "assets" / "link.txt").symlink_to("vocab.txt")
     p = hf("pack", str(linked), "-o", str(tmp_path / "l.tar.gz"))
     assert p.returncode == 1 and "link.txt" in p.stderr and "link" in p.stderr
-    assert not (tmp_path / "l.tar.gz").exists() and not (tmp_path / "l.tar.gz.partial").exists()
+    assert not (tmp_path / "l.tar.gz").exists() and not list(tmp_path.glob("l.tar.gz*.partial"))
     p = hf("pack", str(tmp_path / "absent"), "-o", str(tmp_path / "x.tar.gz"))
     assert p.returncode == 3 and "absent" in p.stderr
 

@@ -336,3 +336,41 @@ def test_a_read_only_layer_is_trusted_whoever_owns_it(neighbour, shared):
         assert out["ok"] and out["path"].startswith(str(layer)), out
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_pack_does_not_write_through_a_planted_partial_file(neighbour, shared):
+    """`hubfast pack` into a shared directory: the neighbour links the name the partial
+    archive once had (<out>.partial) to a file of root's, which stays untouched."""
+    from hubfast import pack
+
+    src = shared / "model"
+    src.mkdir()
+    (src / "saved_model.pb").write_bytes(b"pb")
+    victim = shared / "victim"
+    victim.write_text("precious\n")
+    out = shared / "out" / "m.tar.gz"
+    out.parent.mkdir()
+    os.chmod(out.parent, 0o1777)
+    as_user(neighbour, lambda: os.symlink(victim, str(out) + ".partial"))
+    pack.pack(str(src), str(out))
+    assert victim.read_text() == "precious\n"
+    assert tarfile.open(out).getnames()
+
+
+def test_ls_does_not_hang_on_planted_fifos(neighbour, shared):
+    """A team cache: FIFOs the neighbour planted for a descriptor and a tensorflow_hub
+    lock are skipped, not read (a read would block `hubfast ls` forever)."""
+    cache = shared / "cache"
+    cache.mkdir()
+    os.chmod(cache, 0o1777)
+    name = "a" * 40
+
+    def plant() -> None:
+        os.mkfifo(cache / f"{name}.descriptor.txt")
+        os.mkfifo(cache / f"{name}.lock")
+    as_user(neighbour, plant)
+    env = dict(os.environ, TFHUB_CACHE_DIR=str(cache), PYTHONPATH=PYTHONPATH,
+               HUBFAST_TRUSTED_GROUP="any")
+    p = subprocess.run([sys.executable, "-m", "hubfast", "ls", "--json"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr

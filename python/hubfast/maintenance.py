@@ -143,11 +143,8 @@ def _age(seconds: float) -> str:
 
 def read_descriptor(root: str, name: str) -> Tuple[Optional[str], Optional[str]]:
     """(handle, download time) from ``<name>.descriptor.txt``, Nones when absent."""
-    try:
-        with open(os.path.join(root, name + ".descriptor.txt"), encoding="utf8",
-                  errors="replace") as f:
-            text = f.read(1 << 16)
-    except OSError:
+    text = _read_small(os.path.join(root, name + ".descriptor.txt"))
+    if text is None:
         return None, None
     handle = when = None
     for line in text.splitlines():
@@ -156,6 +153,23 @@ def read_descriptor(root: str, name: str) -> Tuple[Optional[str], Optional[str]]
         elif line.startswith("Download Time: ") and when is None:
             when = line[len("Download Time: "):]
     return handle, when
+
+
+def _read_small(path: str, limit: int = 1 << 16) -> Optional[str]:
+    """A small regular file's text, None for anything else: a link or FIFO planted in a
+    shared root must neither redirect the read nor hang it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, limit).decode("utf8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _is_real_dir(path: str) -> bool:
@@ -202,12 +216,11 @@ def tfhub_lock_writer(root: str, name: str, stale: float = TFHUB_LOCK_STALE) -> 
     is one of hubfast's, else "tensorflow_hub"), or None when there is none or its
     holder is dead (same host: the pid; other host: unchanged for `stale` s)."""
     path = os.path.join(root, name + ".lock")
-    try:
-        with open(path, encoding="utf8", errors="replace") as f:
-            content = f.read(4096).strip()
-        mtime = os.stat(path).st_mtime
-    except OSError:
+    content = _read_small(path, 4096)
+    if content is None:
         return None
+    content = content.strip()
+    mtime = _mtime(path)
     host, pid, uid = "", -1, ""
     parts = content.rsplit(".", 2)
     if len(parts) == 3:

@@ -26,8 +26,9 @@ Formats, chosen from the output's suffix (or ``compression=``):
   fastest, levels 0-3 only, so larger output) or ``"python"`` force one.
 * ``.tar.bz2``, ``.tar.xz``, ``.tar``: Python's bz2/lzma, or no compression.
 
-The archive is written to ``<out>.partial`` and renamed into place at the end,
-so a failed or interrupted pack never leaves a truncated archive behind.
+The archive is written to ``<out>.<random>.partial`` (created exclusively, never
+through a link: the output may sit in a shared /tmp) and renamed into place at the
+end, so a failed or interrupted pack never leaves a truncated archive behind.
 
 This module imports only the standard library (``zstandard`` when packing
 zstd), so ``hubfast.testing.models`` can use it without the native module.
@@ -40,6 +41,7 @@ import gzip
 import io
 import lzma
 import os
+import secrets
 import shutil
 import stat
 import struct
@@ -366,7 +368,7 @@ def pack(src_dir: PathLike, out_path: PathLike, *, compression: Optional[str] = 
                               "frame_size": None, "seek_table": False,
                               "tool": tool_name if kind == "gz" else
                               ("zstandard" if kind == "zst" else "python")}
-    tmp = out + ".partial"
+    tmp = f"{out}.{secrets.token_hex(8)}.partial"
 
     def tar_into(fileobj: IO[bytes]) -> None:
         counter = _Counter(fileobj)
@@ -374,8 +376,9 @@ def pack(src_dir: PathLike, out_path: PathLike, *, compression: Optional[str] = 
                                        allow_links)
         result["tar_bytes"] = counter.n
 
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        with open(tmp, "wb") as raw:
+        with open(fd, "wb") as raw:
             if kind == "none":
                 tar_into(raw)
             elif kind == "gz":
