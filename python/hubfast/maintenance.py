@@ -38,6 +38,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
