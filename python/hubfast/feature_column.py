@@ -261,7 +261,8 @@ class _TextEmbeddingColumnV2(
         return tf.TensorShape(traced.structured_outputs.shape)[1:]
 
     def _layer(self) -> Any:
-        from .keras_layer import KerasLayer  # pylint: disable=import-outside-toplevel
+        # DenseFeatures, the consumer of v2 columns, is a tf_keras layer (Keras 3 has none).
+        from .tf_keras import KerasLayer  # pylint: disable=import-outside-toplevel
 
         return KerasLayer(self.module_path, trainable=self.trainable, output_key=self.output_key,
                           name=f"{self.key}_hub_module_embedding_layer")
