@@ -357,7 +357,8 @@ def test_lookup_racing_renames_never_reports_broken(tmp_path, small_archive):
     (as rm, prune and repair do) while it looks reads as missing or complete, never as a
     broken entry (which would make resolve() refetch a good entry)."""
     cache = tmp_path / "cache"
-    path = _core.ensure_entry(str(cache), "e", str(small_archive), path=str(small_archive))["path"]
+    path = _core.ensure_entry(str(cache), "e", str(small_archive), path=str(small_archive),
+                              lock_timeout=-1.0, fsync=False, lock_mode="auto")["path"]
     away = str(cache / "e.hfaway.old")
     flipper = subprocess.Popen([sys.executable, "-c", f"""
 import os, time

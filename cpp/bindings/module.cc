@@ -90,73 +90,113 @@ auto run_released(const py::object& progress, F&& work) {
   }
 }
 
-template <class T>
-void maybe(const py::dict& d, const char* key, T* out) {
-  if (d.contains(key) && !d[key].is_none()) *out = d[key].cast<T>();
-}
+// An options dict read key by key: every key must be one the reader asked
+// for, so a misspelt option fails instead of silently keeping the default.
+class Options {
+ public:
+  Options(const py::dict& d, const char* what) : d_(d), what_(what) {}
+  template <class T>
+  Options& get(const char* key, T* out) {
+    known_.push_back(key);
+    if (d_.contains(key) && !d_[key].is_none()) *out = d_[key].cast<T>();
+    return *this;
+  }
+  void reject_unknown() const {
+    for (auto item : d_) {
+      std::string k = py::str(item.first);
+      if (std::find(known_.begin(), known_.end(), k) == known_.end()) {
+        std::string all;
+        for (const auto& n : known_) all += (all.empty() ? "" : ", ") + n;
+        throw Error(ErrorKind::kInvalid, "unknown " + std::string(what_) + " option '" + k + "' (known: " + all + ")");
+      }
+    }
+  }
+
+ private:
+  const py::dict& d_;
+  const char* what_;
+  std::vector<std::string> known_;
+};
 
 FetchOptions fetch_options(const std::string& url, const py::dict& d) {
   FetchOptions o;
   o.url = url;
-  maybe(d, "headers", &o.headers);
-  maybe(d, "ca_bundle", &o.ca_bundle);
-  maybe(d, "verify_tls", &o.verify_tls);
-  maybe(d, "proxy", &o.proxy);
-  maybe(d, "no_proxy", &o.no_proxy);
-  maybe(d, "connect_timeout", &o.connect_timeout);
-  maybe(d, "low_speed_time", &o.low_speed_time);
-  maybe(d, "low_speed_limit", &o.low_speed_limit);
-  maybe(d, "max_redirects", &o.max_redirects);
-  maybe(d, "max_retries", &o.max_retries);
-  maybe(d, "backoff_base", &o.backoff_base);
-  maybe(d, "backoff_max", &o.backoff_max);
-  maybe(d, "connections", &o.connections);
-  maybe(d, "adaptive_connections", &o.adaptive_connections);
-  maybe(d, "min_parallel_bytes", &o.min_parallel_bytes);
-  maybe(d, "verify_goog_hash", &o.verify_goog_hash);
-  maybe(d, "user_agent", &o.user_agent);
+  Options(d, "fetch")
+      .get("headers", &o.headers)
+      .get("ca_bundle", &o.ca_bundle)
+      .get("verify_tls", &o.verify_tls)
+      .get("proxy", &o.proxy)
+      .get("no_proxy", &o.no_proxy)
+      .get("connect_timeout", &o.connect_timeout)
+      .get("low_speed_time", &o.low_speed_time)
+      .get("low_speed_limit", &o.low_speed_limit)
+      .get("max_redirects", &o.max_redirects)
+      .get("max_retries", &o.max_retries)
+      .get("backoff_base", &o.backoff_base)
+      .get("backoff_max", &o.backoff_max)
+      .get("connections", &o.connections)
+      .get("adaptive_connections", &o.adaptive_connections)
+      .get("min_parallel_bytes", &o.min_parallel_bytes)
+      .get("verify_goog_hash", &o.verify_goog_hash)
+      .get("user_agent", &o.user_agent)
+      .get("growth_trace", &o.growth_trace)
+      .reject_unknown();
   return o;
 }
 
 ExtractOptions extract_options(const py::dict& limits, const std::string& sha256, bool use_isal) {
   ExtractOptions o;
-  maybe(limits, "max_total_bytes", &o.limits.max_total_bytes);
-  maybe(limits, "max_members", &o.limits.max_members);
-  maybe(limits, "max_path", &o.limits.max_path);
-  maybe(limits, "max_pax_header", &o.limits.max_pax_header);
-  maybe(limits, "decode_threads", &o.decode.threads);
+  Options(limits, "limits")
+      .get("max_total_bytes", &o.limits.max_total_bytes)
+      .get("max_members", &o.limits.max_members)
+      .get("max_path", &o.limits.max_path)
+      .get("max_pax_header", &o.limits.max_pax_header)
+      .get("decode_threads", &o.decode.threads)
+      .reject_unknown();
   o.expected_sha256 = sha256;
   o.decode.use_isal = use_isal;
   return o;
 }
 
 SwarmOptions swarm_options(const py::dict& d) {
-  static const char* known[] = {"torrent", "trackers", "web_seeds", "save_dir", "interface",
-                                "listen_port", "dht", "lsd", "upnp", "natpmp",
-                                "require_encryption", "urlseed_max_request_bytes",
-                                "upload_rate_limit", "stall_timeout", "web_seed_delay"};
-  for (auto item : d) {
-    std::string k = py::str(item.first);
-    if (std::find(std::begin(known), std::end(known), k) == std::end(known))
-      throw Error(ErrorKind::kInvalid, "unknown swarm option '" + k + "'");
-  }
   SwarmOptions o;
-  if (d.contains("torrent")) o.torrent = d["torrent"].cast<py::bytes>();
-  maybe(d, "trackers", &o.trackers);
-  maybe(d, "web_seeds", &o.web_seeds);
-  maybe(d, "save_dir", &o.save_dir);
-  maybe(d, "interface", &o.interface);
-  maybe(d, "listen_port", &o.listen_port);
-  maybe(d, "dht", &o.dht);
-  maybe(d, "lsd", &o.lsd);
-  maybe(d, "upnp", &o.upnp);
-  maybe(d, "natpmp", &o.natpmp);
-  maybe(d, "require_encryption", &o.require_encryption);
-  maybe(d, "urlseed_max_request_bytes", &o.urlseed_max_request_bytes);
-  maybe(d, "upload_rate_limit", &o.upload_rate_limit);
-  maybe(d, "stall_timeout", &o.stall_timeout);
-  maybe(d, "web_seed_delay", &o.web_seed_delay);
+  Options(d, "swarm")
+      .get("torrent", &o.torrent)  // bytes
+      .get("trackers", &o.trackers)
+      .get("web_seeds", &o.web_seeds)
+      .get("save_dir", &o.save_dir)
+      .get("interface", &o.interface)
+      .get("listen_port", &o.listen_port)
+      .get("dht", &o.dht)
+      .get("lsd", &o.lsd)
+      .get("upnp", &o.upnp)
+      .get("natpmp", &o.natpmp)
+      .get("require_encryption", &o.require_encryption)
+      .get("urlseed_max_request_bytes", &o.urlseed_max_request_bytes)
+      .get("upload_rate_limit", &o.upload_rate_limit)
+      .get("stall_timeout", &o.stall_timeout)
+      .get("web_seed_delay", &o.web_seed_delay)
+      .reject_unknown();
   return o;
+}
+
+// The native defaults of the options that config.py's settings feed; config.py
+// holds each setting's default and test_settings.py checks that these agree,
+// so a call that leaves an option out behaves as the setting's default.
+py::dict native_defaults() {
+  FetchOptions f;
+  ExtractOptions e;
+  py::dict d;
+  d["connections"] = f.connections;
+  d["adaptive_connections"] = f.adaptive_connections;
+  d["min_parallel_bytes"] = f.min_parallel_bytes;
+  d["connect_timeout"] = f.connect_timeout;
+  d["low_speed_time"] = f.low_speed_time;
+  d["max_retries"] = f.max_retries;
+  d["max_total_bytes"] = e.limits.max_total_bytes;
+  d["max_members"] = e.limits.max_members;
+  d["decode_threads"] = e.decode.threads;
+  return d;
 }
 
 py::dict torrent_dict(const Torrent& t) {
@@ -174,8 +214,8 @@ SourceFactory source_factory(const std::string& path, const std::string& url, co
     SwarmOptions so = swarm_options(swarm);
     return [so](int) { return make_swarm_source(so); };
   }
+  FetchOptions fo = fetch_options(url, fetch);  // checked for a path too
   if (!url.empty()) {
-    FetchOptions fo = fetch_options(url, fetch);
     return [fo](int restarts) {
       FetchOptions o = fo;
       if (restarts > 0) o.connections = 1;
@@ -231,6 +271,11 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("have_isal", &have_isal, "Whether gzip is inflated with ISA-L.");
   m.attr("MAX_TREE_DEPTH") = py::int_(kMaxTreeDepth);  // directories an archive member may nest
+  m.def("native_defaults", &native_defaults, "The options' native defaults that settings feed.");
+  // Cache-protocol constants: every process sharing a cache must agree on them,
+  // so they are not settings (docs/cache-protocol.md).
+  m.attr("HEARTBEAT_STALE") = HeartbeatTiming{}.stale;
+  m.attr("TFHUB_LOCK_STALE") = kTfhubLockStale;
   m.def(
       "detect_compression",
       [](py::bytes head) {
@@ -262,8 +307,8 @@ PYBIND11_MODULE(_core, m) {
       "ensure_entry",
       [](const std::string& root, const std::string& name, const std::string& handle,
          const std::string& path, const std::string& url, py::dict fetch, const std::string& sha256,
-         py::dict limits, double lock_timeout, bool fsync, const std::string& lock_mode,
-         double heartbeat_stale, double tfhub_stale, py::object progress, py::dict swarm) {
+         py::dict limits, double lock_timeout, bool fsync, const std::string& lock_mode, py::object progress,
+         py::dict swarm) {
         EntryRequest req;
         req.root = root;
         req.name = name;
@@ -271,9 +316,6 @@ PYBIND11_MODULE(_core, m) {
         req.lock_timeout = lock_timeout;
         req.fsync = fsync;
         req.lock_mode = parse_lock_mode(lock_mode);
-        req.heartbeat.stale = heartbeat_stale;
-        req.heartbeat.beat = std::min(0.25, heartbeat_stale / 4);
-        req.tfhub_stale = tfhub_stale;
         req.extract = extract_options(limits, sha256, true);
         SourceFactory make = source_factory(path, url, fetch, swarm);
         EntryResult r = run_released(progress, [&](const PollFn& poll) { return ensure_entry(req, make, poll); });
@@ -289,8 +331,7 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("root"), py::arg("name"), py::arg("handle"), py::kw_only(), py::arg("path") = "",
       py::arg("url") = "", py::arg("fetch") = py::dict(), py::arg("sha256") = "",
-      py::arg("limits") = py::dict(), py::arg("lock_timeout") = -1.0, py::arg("fsync") = false,
-      py::arg("lock_mode") = "auto", py::arg("heartbeat_stale") = 1.5, py::arg("tfhub_stale") = 600.0,
+      py::arg("limits") = py::dict(), py::arg("lock_timeout"), py::arg("fsync"), py::arg("lock_mode"),
       py::arg("progress") = py::none(), py::arg("swarm") = py::dict(),
       "Returns the cache entry <root>/<name>, extracting it first when needed; swarm= (options "
       "with a torrent) downloads it from a BitTorrent swarm instead of url=.");

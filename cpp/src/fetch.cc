@@ -301,6 +301,7 @@ uint64_t HttpSource::plan(RangeTask& first, CURL* easy) {
       char* ip = nullptr;
       const bool local = curl_easy_getinfo(easy, CURLINFO_PRIMARY_IP, &ip) == CURLE_OK && ip && address_is_local(ip);
       par_->set_local_server(local);
+      par_->trace_growth(opt_.growth_trace);
       st_local_server_.store(local);
       par_->allow_workers(opt_.connections - 1);
       if (opt_.adaptive_connections) {  // workers only while the consumer starves

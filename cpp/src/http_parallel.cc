@@ -4,7 +4,6 @@
 #include <cstdio>
 #include <cstring>
 
-#include "env_flag.h"
 #include "hubfast/digest.h"
 #include "hubfast/error.h"
 
@@ -36,9 +35,7 @@ void Parallel::grow_if_starved() {
   const bool due = policy_.due(s.t);
   if (due) read_cpu(s);  // /proc/stat at most once a window
   int add = policy_.step(s, int(threads_.size()), int(settled_.load(std::memory_order_relaxed)), first_stream_);
-  // HUBFAST_GROWTH_TRACE=1: each window's cumulative readings on stderr (debugging).
-  static const bool trace = env_flag("HUBFAST_GROWTH_TRACE");
-  if (trace && due)
+  if (trace_ && due)
     std::fprintf(stderr, "growth t=%.4f bytes=%llu waited=%.4f cpu=%.4f busy=%.3f all=%.3f stolen=%.3f workers=%d add=%d\n",
                  s.t, (unsigned long long)s.bytes, s.waited, s.cpu, s.busy, s.all, s.stolen, int(threads_.size()), add);
   if (add > 0) add_workers(add);

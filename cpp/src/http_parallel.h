@@ -93,6 +93,8 @@ class Parallel {
 
   void allow_workers(int max_workers) { policy_.allow(max_workers); }
   void set_local_server(bool local) { policy_.set_local_server(local); }
+  // Each window's cumulative readings on stderr (FetchOptions::growth_trace).
+  void trace_growth(bool on) { trace_ = on; }
   void first_stream_ended() {
     first_stream_ = 0;
     first_ = nullptr;
@@ -198,6 +200,7 @@ class Parallel {
   std::chrono::nanoseconds own_wait_{0};  // this thread's wait for segments
   GrowthPolicy policy_{usable_cores()};  // consumer thread only
   std::atomic<size_t> settled_{0};  // workers that have received GrowthPolicy::kSettleBytes
+  bool trace_ = false;
   int first_stream_ = 1;  // the first stream's connection, while it runs (consumer thread)
   // Timed waits wake the consumer at least once a growth window.
   static constexpr std::chrono::milliseconds kGrowAfter{int(GrowthPolicy::kWindow * 1000)};

@@ -24,7 +24,6 @@
 #include "hubfast/error.h"
 #include "hubfast/spares.h"
 #include "pgzip_inflate.h"
-#include "env_flag.h"
 #include "gzip_members.h"
 #include "hubfast/pgzip.h"
 
@@ -40,14 +39,14 @@ constexpr size_t kHandOverMin = 64 << 10;
   throw Error(ErrorKind::kIntegrity, "gzip stream is corrupt: " + msg);
 }
 
-// HUBFAST_PGZIP_TRACE=1: one line per job event on stderr (debugging).
-inline bool tracing() {
-  static const bool on = env_flag("HUBFAST_PGZIP_TRACE");
-  return on;
-}
-#define PGZ_TRACE(...)                     \
-  do {                                     \
-    if (tracing()) std::fprintf(stderr, __VA_ARGS__); \
+// Built with -DHUBFAST_PGZIP_TRACE=1: one line per job event on stderr
+// (debugging the decoder; a build-time switch, not a setting).
+#ifndef HUBFAST_PGZIP_TRACE
+#define HUBFAST_PGZIP_TRACE 0
+#endif
+#define PGZ_TRACE(...)                                           \
+  do {                                                           \
+    if (HUBFAST_PGZIP_TRACE) std::fprintf(stderr, __VA_ARGS__); \
   } while (0)
 
 inline uint32_t le32(const uint8_t* p) {

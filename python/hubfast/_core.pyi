@@ -2,16 +2,21 @@
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 ProgressFn = Callable[[int, int, int], None]  # bytes_in, total_in (-1 if unknown), bytes_out
+# `fetch` and `limits` dicts: an unknown key raises ValueError (module.cc lists the keys).
+
+# Cache-protocol constants (docs/cache-protocol.md).
+HEARTBEAT_STALE: float
+TFHUB_LOCK_STALE: float
 
 def have_isal() -> bool: ...
+def native_defaults() -> Dict[str, Any]: ...
 def detect_compression(head: bytes) -> str: ...
 def extract(dest: str, *, path: str = "", url: str = "", fetch: Dict[str, Any] = ...,
             sha256: str = "", limits: Dict[str, int] = ..., use_isal: bool = True,
             progress: Optional[ProgressFn] = None) -> Dict[str, Any]: ...
 def ensure_entry(root: str, name: str, handle: str, *, path: str = "", url: str = "",
                  fetch: Dict[str, Any] = ..., sha256: str = "", limits: Dict[str, int] = ...,
-                 lock_timeout: float = -1.0, fsync: bool = False, lock_mode: str = "auto",
-                 heartbeat_stale: float = 1.5, tfhub_stale: float = 600.0,
+                 lock_timeout: float, fsync: bool, lock_mode: str,
                  progress: Optional[ProgressFn] = None,
                  swarm: Dict[str, Any] = ...) -> Dict[str, Any]: ...
 def have_swarm() -> bool: ...

@@ -170,8 +170,6 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
                                         fetch=fetch or {}, sha256=sha256, limits=limits,
                                         lock_timeout=s.lock_timeout, fsync=s.fsync,
                                         lock_mode=s.lock_mode,
-                                        heartbeat_stale=s.heartbeat_stale,
-                                        tfhub_stale=s.tfhub_lock_stale,
                                         progress=_with_cancel(bar), swarm=swarm_opts or {})
         except (errors.DownloadTimeoutError, errors.NetworkError) as e:
             if not swarm_opts:
@@ -183,8 +181,6 @@ def fetch_entry(handle: str, *, path: str = "", url: str = "", fetch: Optional[d
                                         fetch=fetch or {}, sha256=sha256, limits=limits,
                                         lock_timeout=s.lock_timeout, fsync=s.fsync,
                                         lock_mode=s.lock_mode,
-                                        heartbeat_stale=s.heartbeat_stale,
-                                        tfhub_stale=s.tfhub_lock_stale,
                                         progress=_with_cancel(bar))
     except errors.HubfastError as e:
         # Advice about the cache only when the cache is what failed (not, e.g., the archive).

@@ -1,7 +1,19 @@
 """Every environment variable hubfast reads, and its default, in one place.
 
 Values are read when a call needs them (so a test or a long-lived process can
-change them), except where tensorflow_hub fixes the semantics.
+change them), except where tensorflow_hub fixes the semantics. Nothing else in
+the package reads the environment for a setting: the native core gets each
+value through the options it is given (http.fetch_options, cache.fetch_entry).
+
+Settings are public (docs/settings.md: documented and supported) or tuning
+(docs/settings-tuning.md: for measuring and debugging, unsupported, may change).
+To add one:
+  1. a ``*_ENV`` name below, listed in PUBLIC or TUNING;
+  2. a field of Settings, parsed in settings() with its default (the only place
+     the default is written; a native option it feeds must agree, see
+     _core.native_defaults());
+  3. a row in docs/settings.md or docs/settings-tuning.md.
+tests/test_settings.py checks 1 and 3 against each other and against the code.
 """
 from __future__ import annotations
 
@@ -25,10 +37,9 @@ CACHE_LAYERS_ENV = "HUBFAST_CACHE_LAYERS"  # read-only cache roots, os.pathsep-s
 LOCK_TIMEOUT_ENV = "HUBFAST_LOCK_TIMEOUT"  # seconds; unset: wait as long as the writer lives
 FSYNC_ENV = "HUBFAST_FSYNC"
 LOCK_MODE_ENV = "HUBFAST_LOCK_MODE"  # auto | flock | heartbeat
-HEARTBEAT_STALE_ENV = "HUBFAST_HEARTBEAT_STALE"  # s before a heartbeat lock is taken over
-TFHUB_LOCK_STALE_ENV = "HUBFAST_TFHUB_LOCK_STALE"  # s; tensorflow_hub's own rule is 600
 CONNECTIONS_ENV = "HUBFAST_CONNECTIONS"  # most parallel connections per download
-# 1: open connections beyond two only while the decoder waits for bytes; 0: all at once
+# 1: the first response streams alone, more connections only while the decoder waits
+# for bytes (growth.h); 0: all at once
 ADAPTIVE_CONNECTIONS_ENV = "HUBFAST_ADAPTIVE_CONNECTIONS"
 DECODE_THREADS_ENV = "HUBFAST_DECODE_THREADS"  # gzip/zstd decoding threads; 0: every core
 MIN_PARALLEL_BYTES_ENV = "HUBFAST_MIN_PARALLEL_BYTES"  # smaller archives: one connection
@@ -55,6 +66,19 @@ ENDPOINT_ENVS = {
     "cn": "HUBFAST_ENDPOINT_CN",  # hub.tensorflow.google.cn, gcs.tensorflow.google.cn
 }
 GCS_AUTH_ENV = "HUBFAST_GCS_AUTH"  # auto | on | off: google-auth credentials for gs://
+GROWTH_TRACE_ENV = "HUBFAST_GROWTH_TRACE"  # 1: each growth window's readings on stderr
+
+
+# Documented and supported (docs/settings.md).
+PUBLIC = (OFFLINE_ENV, CACHE_LAYERS_ENV, LOCK_TIMEOUT_ENV, LOCK_MODE_ENV, FSYNC_ENV,
+          CONNECTIONS_ENV, CONNECT_TIMEOUT_ENV, STALL_TIMEOUT_ENV, MAX_RETRIES_ENV,
+          MAX_EXTRACT_BYTES_ENV, MAX_MEMBERS_ENV, PINS_ENV, MIRRORS_ENV,
+          *ENDPOINT_ENVS.values(), GCS_AUTH_ENV,
+          SWARM_ENV, SWARM_INTERFACE_ENV, SWARM_DISCOVERY_ENV, SWARM_ENCRYPTION_ENV,
+          TRUSTED_GROUP_ENV)
+# For measuring and debugging; documented as unsupported (docs/settings-tuning.md).
+TUNING = (ADAPTIVE_CONNECTIONS_ENV, DECODE_THREADS_ENV, MIN_PARALLEL_BYTES_ENV,
+          PREFETCH_NICE_ENV, GROWTH_TRACE_ENV)
 # Kaggle's own variables (as the kaggle CLI and kagglehub read them).
 KAGGLE_USERNAME_ENV = "KAGGLE_USERNAME"
 KAGGLE_KEY_ENV = "KAGGLE_KEY"
@@ -125,8 +149,6 @@ class Settings:
     verify_tls: bool
     lock_timeout: float
     lock_mode: str
-    heartbeat_stale: float
-    tfhub_lock_stale: float
     fsync: bool
     connections: int
     connect_timeout: float
@@ -136,18 +158,19 @@ class Settings:
     max_members: int
     pins_file: Optional[str]
     mirrors: tuple
-    endpoints: tuple = ()  # (service, base URL) pairs, see ENDPOINT_ENVS
-    gcs_auth: str = "auto"
-    prefetch_nice: int = 10
-    adaptive_connections: bool = True
-    min_parallel_bytes: int = 64 << 20
-    decode_threads: int = 0
-    swarm: str = ""  # tracker announce URL; "": swarm mode off
-    swarm_interface: str = ""
-    swarm_discovery: tuple = ()
-    swarm_encryption: bool = False
-    trusted_group: str = ""  # "", a group name or gid, or "any"
-    cache_dir_is_default: bool = False  # $TMPDIR/tfhub_modules: created 0700
+    endpoints: tuple  # (service, base URL) pairs, see ENDPOINT_ENVS
+    gcs_auth: str
+    prefetch_nice: int
+    adaptive_connections: bool
+    min_parallel_bytes: int
+    decode_threads: int
+    growth_trace: bool
+    swarm: str  # tracker announce URL; "": swarm mode off
+    swarm_interface: str
+    swarm_discovery: tuple
+    swarm_encryption: bool
+    trusted_group: str  # "", a group name or gid, or "any"
+    cache_dir_is_default: bool  # $TMPDIR/tfhub_modules: created 0700
 
 
 def _cache_dir_named() -> Optional[str]:
@@ -191,8 +214,6 @@ def settings() -> Settings:
         verify_tls=os.environ.get(DISABLE_CERT_VALIDATION_ENV) != "true",
         lock_timeout=_float(LOCK_TIMEOUT_ENV, -1.0),
         lock_mode=os.environ.get(LOCK_MODE_ENV, "auto").strip().lower() or "auto",
-        heartbeat_stale=_float(HEARTBEAT_STALE_ENV, 1.5),
-        tfhub_lock_stale=_float(TFHUB_LOCK_STALE_ENV, 600.0),
         fsync=_flag(FSYNC_ENV),
         connections=_int(CONNECTIONS_ENV, 8),
         connect_timeout=_float(CONNECT_TIMEOUT_ENV, 30.0),
@@ -215,6 +236,7 @@ def settings() -> Settings:
         swarm_encryption=_flag(SWARM_ENCRYPTION_ENV),
         trusted_group=os.environ.get(TRUSTED_GROUP_ENV, "").strip(),
         cache_dir_is_default=not _cache_dir_named(),
+        growth_trace=_flag(GROWTH_TRACE_ENV),
     )
 
 

@@ -76,6 +76,7 @@ def fetch_options(url: str, headers: Optional[List[str]] = None,
         "connections": s.connections,
         "adaptive_connections": s.adaptive_connections,
         "min_parallel_bytes": s.min_parallel_bytes,
+        "growth_trace": s.growth_trace,
         "user_agent": f"hubfast/{_version()}",
     }
 

@@ -51,7 +51,9 @@ __all__ = ["EntryInfo", "RemoveResult", "scan", "entry_info", "find_entries", "v
 NAME_RE = re.compile(r"^[0-9a-f]{40}$")
 _PREFIX_RE = re.compile(r"^([0-9a-f]{40})(?:\.(.*))?$")
 DEFAULT_LOCK_WAIT = 2.0  # seconds rm/prune wait for an entry's writer lock
-TFHUB_LOCK_STALE = 600.0  # tensorflow_hub's own rule for a remote lock
+# Cache-protocol constants, from the native core (docs/cache-protocol.md).
+TFHUB_LOCK_STALE = _core.TFHUB_LOCK_STALE  # s: tensorflow_hub's own rule for a remote lock
+HEARTBEAT_STALE = _core.HEARTBEAT_STALE  # s: a heartbeat lock not refreshed this long is dead
 
 
 @dataclasses.dataclass
@@ -243,7 +245,7 @@ def _writer_lock_held(root: str, name: str) -> bool:
     """Whether a hubfast writer holds the entry's lock (flock or a fresh heartbeat)."""
     hb = os.path.join(root, name + ".hubfast.hb")
     try:
-        if time.time() - os.stat(hb).st_mtime < max(1.5, _heartbeat_stale()):
+        if time.time() - os.stat(hb).st_mtime < HEARTBEAT_STALE:
             return True
     except OSError:
         pass
@@ -258,15 +260,6 @@ def _writer_lock_held(root: str, name: str) -> bool:
         lock.release()
         return False
     return True
-
-
-def _heartbeat_stale() -> float:
-    from . import config  # noqa: PLC0415
-
-    try:
-        return float(config.settings().heartbeat_stale)
-    except Exception:  # noqa: BLE001 - a malformed variable must not break ls
-        return 1.5
 
 
 def _group(root: str) -> Dict[str, List[str]]:
@@ -445,7 +438,7 @@ def remove_entry(root: str, name: str, *, lock_wait: float = DEFAULT_LOCK_WAIT,
         return result
     try:
         hb = os.path.join(root, name + ".hubfast.hb")
-        if os.path.exists(hb) and time.time() - _mtime(hb) < max(1.5, _heartbeat_stale()):
+        if os.path.exists(hb) and time.time() - _mtime(hb) < HEARTBEAT_STALE:
             result.status, result.reason = "skipped", "being written by another hubfast process"
             return result
         tfhub = tfhub_lock_writer(root, name)

@@ -12,6 +12,7 @@
 #include "hubfast/fd.h"
 #include "hubfast/lock.h"
 #include "hubfast/pipeline.h"
+#include "hubfast/tfhub_lock.h"
 
 namespace hubfast {
 
@@ -39,7 +40,7 @@ struct EntryRequest {
   bool fsync = false;
   LockMode lock_mode = LockMode::kAuto;
   HeartbeatTiming heartbeat;
-  double tfhub_stale = 600;  // s: a remote tensorflow_hub lock unchanged this long is stale
+  double tfhub_stale = kTfhubLockStale;
   ExtractOptions extract;
 };
 

@@ -25,13 +25,17 @@ struct FetchOptions {
   int max_retries = 5;
   double backoff_base = 0.5;          // seconds; doubled each retry, jittered
   double backoff_max = 30;
-  int connections = 4;                // parallel ranged connections when allowed (at most)
-  // Open connections beyond the first two only while the consumer waits for
-  // bytes (a slow link); false: all of them at once.
+  // The options a setting feeds (HUBFAST_CONNECTIONS, ...) take their defaults
+  // from python/hubfast/config.py; these equal them (test_settings.py checks)
+  // for callers that leave an option out.
+  int connections = 8;                // parallel ranged connections when allowed (at most)
+  // The first response streams alone and connections are added only while the
+  // consumer waits for bytes (growth.h); false: all of them at once.
   bool adaptive_connections = true;
   uint64_t min_parallel_bytes = 64ull << 20;  // smaller objects: one stream
   bool verify_goog_hash = true;
   std::string user_agent = "hubfast";
+  bool growth_trace = false;          // each growth window's readings on stderr (debugging)
 };
 
 std::unique_ptr<Source> make_http_source(const FetchOptions& opt);

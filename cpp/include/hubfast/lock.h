@@ -31,6 +31,8 @@ class FileLock {
   Fd fd_;
 };
 
+// Part of the cache protocol (docs/cache-protocol.md): every process sharing a
+// cache must use the same stale time, so it is a constant, not a setting.
 struct HeartbeatTiming {
   double beat = 0.25;   // seconds between refreshes
   double stale = 1.5;   // a lock not refreshed for this long is taken over

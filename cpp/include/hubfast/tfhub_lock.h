@@ -10,6 +10,10 @@
 
 namespace hubfast {
 
+// tensorflow_hub's own rule: a lock from another host whose content and temp
+// dir stayed unchanged this long (seconds) belongs to a dead writer.
+inline constexpr double kTfhubLockStale = 600;
+
 class TfhubLock {
  public:
   // Waits for a live tensorflow_hub lock (same host: its pid alive; other
