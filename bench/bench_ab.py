@@ -57,7 +57,7 @@ def main() -> None:
     if args.local:
         handle = str(arch)
     else:
-        from hubfast.testing.server import TFHubServer
+        from hubfast.server import TFHubServer
 
         srv = TFHubServer(bandwidth=args.cap or None)
         path = "/bench/ab/" + arch.name

@@ -39,7 +39,7 @@ def main() -> None:
     sizes = [64] if args.quick else [int(s) for s in args.sizes.split(",")]
     runs = 1 if args.quick else args.runs
     from hubfast.testing import coldstart
-    from hubfast.testing.server import TFHubServer
+    from hubfast.server import TFHubServer
 
     rows, report = [], []
     for size in sizes:

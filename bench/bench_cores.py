@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
 
-    from hubfast.testing.server import TFHubServer
+    from hubfast.server import TFHubServer
 
     arch = common.archive(args.size, "gz")
     srv = TFHubServer()

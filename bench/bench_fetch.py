@@ -15,7 +15,7 @@ TensorFlow). Shell pipelines are timed from outside (their start-up is a few ms)
 The tools of a table run round robin (each round runs every tool once), so that a slow
 phase of this shared machine falls on all rows alike; each run records the VM's stolen CPU
 time meanwhile (`steal_seconds` in the JSON lines).
-The server (hubfast.testing.server, in this process) streams the archive from the page cache
+The server (hubfast.server, in this process) streams the archive from the page cache
 with ETag, Accept-Ranges and x-goog-hash (crc32c, md5) like GCS.
 
 Targets: the transfer adds <= 15% to local extraction; >= 2.3x faster than tensorflow_hub at
@@ -275,7 +275,7 @@ def capped(srv, gz: Path, size: int, runs: int, cap: float) -> List[Dict]:
 
 
 def serve(gz: Path, bandwidth: Optional[float] = None, zst: Optional[Path] = None):
-    from hubfast.testing.server import TFHubServer
+    from hubfast.server import TFHubServer
 
     srv = TFHubServer(bandwidth=bandwidth)
     srv.add_archive(HANDLE, str(gz), goog_hash="both")

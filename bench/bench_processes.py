@@ -92,7 +92,7 @@ def main() -> None:
     runs = 1 if args.quick else args.runs
     gz = common.archive(size_mib, "gz")
     size = gz.stat().st_size
-    from hubfast.testing.server import TFHubServer
+    from hubfast.server import TFHubServer
 
     rows, lines = [], []
     with TFHubServer() as srv:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hubfast.testing import models
-from hubfast.testing.server import TFHubServer
+from hubfast.server import TFHubServer
 
 pytest.importorskip("tensorflow")  # spec check only: not imported here
 pytestmark = pytest.mark.tf

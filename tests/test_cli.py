@@ -33,7 +33,7 @@ from hubfast import _core
 from hubfast.cache import entry_name
 from hubfast.pack import SEEK_TABLE_MAGIC, SEEKABLE_MAGIC, read_seek_table
 from hubfast.testing.models import tree_digest
-from hubfast.testing.server import TFHubServer
+from hubfast.server import TFHubServer
 
 PYTHONPATH = str(Path(hubfast.__file__).resolve().parents[1])
 MODEL = "/test/model/1"

@@ -21,7 +21,8 @@ def test_uncaught_http_error_prints_its_message(tmp_path, status, cls):
     code = textwrap.dedent(f"""
         import urllib.error
         import hubfast
-        from hubfast.testing import Fault, TFHubServer
+        from hubfast.server import TFHubServer
+        from hubfast.testing.faults import Fault
         srv = TFHubServer().start()
         url = srv.url + "/some/model/1"
         srv.inject("/some/model/1", Fault.status({status}), times=100)

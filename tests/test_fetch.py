@@ -2,7 +2,7 @@
 with injected faults. Every case ends either in a byte-identical cache entry or in one typed
 error with the cache as it was (no entry, no temp dir, no tensorflow_hub lock file).
 
-No mocks: a real server (hubfast.testing.server), a real forward proxy (tinyproxy), real
+No mocks: a real server (hubfast.server), a real forward proxy (tinyproxy), real
 subprocesses for Ctrl-C.
 """
 from __future__ import annotations
@@ -31,7 +31,9 @@ import pytest
 import hubfast
 from hubfast import _core, errors
 from hubfast.testing.models import tree_digest
-from hubfast.testing.server import Fault, TFHubServer, make_self_signed_cert
+from hubfast.server import TFHubServer
+from hubfast.testing.certs import make_self_signed_cert
+from hubfast.testing.faults import Fault
 
 MiB = 1 << 20
 HANDLE_PATH = "/org/model/1"

@@ -21,7 +21,7 @@ import pytest
 
 import hubfast
 from hubfast.testing.models import tree_digest
-from hubfast.testing.server import TFHubServer
+from hubfast.server import TFHubServer
 
 MiB = 1 << 20
 WORKER_CMD = ["-m", "hubfast.testing.worker"]

@@ -30,7 +30,7 @@ from hubfast.cache import entry_name
 from hubfast.pack import pack
 from hubfast.testing.models import tree_digest
 from hubfast.testing.nginx import nginx_binary, write_conf
-from hubfast.testing.server import TFHubServer
+from hubfast.server import TFHubServer
 
 PYTHONPATH = str(Path(hubfast.__file__).resolve().parents[1])
 NGINX = nginx_binary()

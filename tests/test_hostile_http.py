@@ -11,7 +11,8 @@ import time
 import pytest
 
 import hubfast
-from hubfast.testing.server import Fault, TFHubServer
+from hubfast.server import TFHubServer
+from hubfast.testing.faults import Fault
 
 
 @pytest.fixture

@@ -353,7 +353,7 @@ def case_keras_file_round_trip_in_fresh_process(ctx):
     work = ctx.tmp("keras-file")
     archive = models.pack_tar(ctx.model("training"), str(work / "training.tar.gz"), "gz")
     try:
-        from hubfast.testing.server import TFHubServer
+        from hubfast.server import TFHubServer
     except ImportError:  # the server is optional: a local archive takes the same path
         TFHubServer = None
 

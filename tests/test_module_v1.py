@@ -351,7 +351,7 @@ def case_archive_and_server_url(ctx):
     import os
 
     from hubfast.testing.models import pack_tar
-    from hubfast.testing.server import TFHubServer
+    from hubfast.server import TFHubServer
 
     archive = str(ctx.tmp("archive") / "module.tar.gz")
     pack_tar(_exported(ctx), archive, "gz")

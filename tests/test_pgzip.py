@@ -15,7 +15,7 @@ import pytest
 import hubfast
 from hubfast import _core
 from hubfast.testing.models import tree_digest
-from hubfast.testing.server import TFHubServer
+from hubfast.server import TFHubServer
 
 MiB = 1 << 20
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not _core.have_isal(),

@@ -18,7 +18,9 @@ import pytest
 
 import hubfast
 from hubfast import errors, resolvers
-from hubfast.testing import Fault, TFHubServer
+from hubfast.server import TFHubServer
+from hubfast.testing.certs import make_self_signed_cert
+from hubfast.testing.faults import Fault
 from hubfast.testing.models import pack_tar, tree_digest
 
 CLEARED_ENV = (
@@ -431,13 +433,14 @@ def test_uncompressed_kaggle_credentials_and_redirects(server, server2, archives
 
 
 def test_uncompressed_over_tls(tmp_path, archives, monkeypatch):
-    with TFHubServer(tls=True) as srv:
+    ca, cert, key = make_self_signed_cert(tmp_path / "tls")
+    with TFHubServer(tls=(cert, key)) as srv:
         srv.add_archive("/google/mul/1", archives["gz"], uncompressed_location="gs://b/m")
         monkeypatch.setenv("TFHUB_MODEL_LOAD_FORMAT", "UNCOMPRESSED")
         handle = srv.url_for("/google/mul/1")
         with pytest.raises(errors.NetworkError):  # unknown CA
             hubfast.resolve(handle)
-        monkeypatch.setenv("REQUESTS_CA_BUNDLE", srv.ca_cert)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca)
         assert hubfast.resolve(handle) == "gs://b/m"
         monkeypatch.delenv("REQUESTS_CA_BUNDLE")
         monkeypatch.setenv("TFHUB_DISABLE_CERT_VALIDATION", "true")

@@ -1,4 +1,5 @@
-"""Tests of hubfast.testing.server: a real server on 127.0.0.1, real clients, no mocks."""
+"""Tests of hubfast.server (with hubfast.crc32c and hubfast.digests): a real server on
+127.0.0.1, real clients, no mocks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import base64
 import email.utils
 import hashlib
 import http.client
-import importlib.util
 import os
 import socket
 import ssl
@@ -18,32 +18,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-SERVER_PY = Path(__file__).resolve().parents[1] / "python" / "hubfast" / "testing" / "server.py"
-
-
-def _load_server_module():
-    # Prefer the package; fall back to the file so these tests do not depend on the native
-    # module that `import hubfast` may need.
-    try:
-        from hubfast.testing import server as module
-
-        return module
-    except Exception:  # noqa: BLE001
-        spec = importlib.util.spec_from_file_location("_hubfast_testing_server", SERVER_PY)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
-srv = _load_server_module()
-TFHubServer = srv.TFHubServer
-Fault = srv.Fault
+from hubfast import crc32c as crc
+from hubfast import digests
+from hubfast.server import TFHubServer, serve_forever
+from hubfast.testing.certs import make_self_signed_cert
+from hubfast.testing.faults import Fault
 
 DATA = bytes((i * 7 + (i >> 8)) & 0xFF for i in range(100_000))
 MODEL = "/google/model/1"
@@ -98,32 +81,32 @@ def b64_md5(data: bytes) -> str:
 
 
 def test_crc32c_known_vector_and_chaining() -> None:
-    assert srv.crc32c(b"123456789") == 0xE3069283
-    assert srv.crc32c(b"") == 0
-    assert srv.crc32c(b"6789", srv.crc32c(b"12345")) == 0xE3069283
-    assert srv.crc32c_backend() in ("google_crc32c", "crc32c", "isal", "python")
+    assert crc.crc32c(b"123456789") == 0xE3069283
+    assert crc.crc32c(b"") == 0
+    assert crc.crc32c(b"6789", crc.crc32c(b"12345")) == 0xE3069283
+    assert crc.crc32c_backend() in ("google_crc32c", "crc32c", "isal", "python")
 
 
 def test_pure_python_crc32c_matches_bytewise_reference() -> None:
-    engine = srv._BlockCrc()
+    engine = crc._BlockCrc()
     rnd = os.urandom(70_000)
     for n in (0, 1, 9, 1023, 1024, 1025, 4096 + 17, 70_000):
-        ref = srv._crc_update_bytewise(0xFFFFFFFF, rnd[:n]) ^ 0xFFFFFFFF
+        ref = crc._crc_update_bytewise(0xFFFFFFFF, rnd[:n]) ^ 0xFFFFFFFF
         assert engine.update(0xFFFFFFFF, rnd[:n]) ^ 0xFFFFFFFF == ref, n
     assert engine.update(0xFFFFFFFF, b"123456789") ^ 0xFFFFFFFF == 0xE3069283
     # Several pieces (more than BLOCKS_PER_PIECE blocks) against the selected backend.
     big = os.urandom(engine.N * engine.BLOCKS_PER_PIECE + 3 * engine.N + 5)
-    assert engine.update(0xFFFFFFFF, big) ^ 0xFFFFFFFF == srv.crc32c(big)
+    assert engine.update(0xFFFFFFFF, big) ^ 0xFFFFFFFF == crc.crc32c(big)
 
 
 def test_compute_digests_bytes_and_file(tmp_path: Path) -> None:
     f = tmp_path / "blob"
     f.write_bytes(DATA)
     for source in (DATA, str(f)):
-        d = srv.compute_digests(source)
+        d = digests.compute_digests(source)
         assert d.size == len(DATA)
         assert d.md5 == hashlib.md5(DATA).digest()
-        assert d.crc32c == srv.crc32c(DATA)
+        assert d.crc32c == crc.crc32c(DATA)
 
 
 # --- protocol -------------------------------------------------------------------------------
@@ -138,7 +121,7 @@ def test_compressed_get_returns_archive_with_gcs_headers(server: TFHubServer) ->
     assert headers["ETag"] == '"' + hashlib.md5(DATA).hexdigest() + '"'
     assert headers["Accept-Ranges"] == "bytes"
     assert email.utils.parsedate_to_datetime(headers["Last-Modified"]) is not None
-    assert headers["x-goog-hash"] == f"crc32c={b64_crc(srv.crc32c(DATA))},md5={b64_md5(DATA)}"
+    assert headers["x-goog-hash"] == f"crc32c={b64_crc(crc.crc32c(DATA))},md5={b64_md5(DATA)}"
     # The known vector through the header path too.
     server.add_archive("/vector/1", b"123456789")
     resp, body = request(server, "/vector/1")
@@ -285,7 +268,7 @@ def test_goog_hash_modes_and_precomputed_digests(server: TFHubServer) -> None:
     assert request(server, "/none/1", method="HEAD")[0].headers.get("x-goog-hash") is None
     split = request(server, "/split/1", method="HEAD")[0]
     assert len(split.headers.get_all("x-goog-hash")) == 2
-    assert goog_hash(split)["crc32c"] == b64_crc(srv.crc32c(DATA))
+    assert goog_hash(split)["crc32c"] == b64_crc(crc.crc32c(DATA))
     given = request(server, "/given/1", method="HEAD")[0]
     assert goog_hash(given) == {"md5": b64_md5_raw(b"\x01" * 16), "crc32c": b64_crc(0xDEADBEEF)}
     assert given.headers["ETag"] == '"' + "01" * 16 + '"'
@@ -302,7 +285,7 @@ def test_file_backed_archive_streams_from_disk(server: TFHubServer, tmp_path: Pa
     server.add_archive("/file/1", str(f))
     resp, body = request(server, "/file/1")
     assert body == blob
-    assert goog_hash(resp) == {"crc32c": b64_crc(srv.crc32c(blob)), "md5": b64_md5(blob)}
+    assert goog_hash(resp) == {"crc32c": b64_crc(crc.crc32c(blob)), "md5": b64_md5(blob)}
     resp, body = request(server, "/file/1", headers={"Range": "bytes=1000000-1999999"})
     assert resp.status == 206 and body == blob[1_000_000:2_000_000]
     server.inject("/file/1", Fault.flip(1_500_000))
@@ -539,7 +522,7 @@ def test_fault_ignore_range(server: TFHubServer) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Tuple[str, str, str]:
-    return srv.make_self_signed_cert(tmp_path_factory.mktemp("tls"))
+    return make_self_signed_cert(tmp_path_factory.mktemp("tls"))
 
 
 def test_tls_trusted_and_untrusted(certs: Tuple[str, str, str]) -> None:
@@ -564,19 +547,6 @@ def test_tls_trusted_and_untrusted(certs: Tuple[str, str, str]) -> None:
             urllib.request.urlopen(server.url_for(MODEL, COMPRESSED), context=ctx, timeout=10).read()
         assert server.stats.archive_gets == 3
         assert not server.errors
-
-
-def test_tls_auto_certificate() -> None:
-    server = TFHubServer(tls=True)
-    try:
-        server.start()
-        server.add_archive(MODEL, DATA)
-        assert server.ca_cert is not None
-        ctx = ssl.create_default_context(cafile=server.ca_cert)
-        with urllib.request.urlopen(server.url_for(MODEL, COMPRESSED), context=ctx, timeout=10) as resp:
-            assert resp.read() == DATA
-    finally:
-        server.close()
 
 
 # --- lifecycle, timeouts, bandwidth ---------------------------------------------------------
@@ -670,22 +640,24 @@ def test_bandwidth_and_total_bandwidth_are_exclusive() -> None:
 
 
 @pytest.mark.skipif(sys.version_info < (3, 10), reason="needs sys.stdlib_module_names")
-def test_module_imports_only_the_standard_library() -> None:
+def test_server_imports_only_the_standard_library() -> None:
+    """hubfast.server, hubfast.digests and hubfast.crc32c need nothing but the standard
+    library (and hubfast's own package), so `hubfast serve` runs on a bare mirror host."""
     code = (
-        "import importlib.util, sys\n"
+        "import sys\n"
         "before = set(sys.modules)\n"  # site hooks (.pth files) may import third-party modules
-        f"spec = importlib.util.spec_from_file_location('hts', {str(SERVER_PY)!r})\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['hts'] = m; spec.loader.exec_module(m)\n"
-        "m.crc32c(b'x')\n"
-        "bad = sorted(n for n in set(sys.modules) - before if n.split('.')[0] not in sys.stdlib_module_names"
-        " and n.split('.')[0] not in ('hts', '__main__'))\n"
-        "print(bad)\n"
+        "import hubfast.server, hubfast.crc32c\n"
+        "hubfast.crc32c.crc32c(b'x')\n"
+        "new = set(sys.modules) - before\n"
+        "bad = sorted(n for n in new if n.split('.')[0] not in sys.stdlib_module_names"
+        " and n.split('.')[0] not in ('hubfast', '__main__'))\n"
+        "print(bad + sorted(n for n in new if n.startswith(('hubfast.testing', 'tensorflow'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_serve_forever_and_cli(tmp_path: Path) -> None:
+def test_serve_forever(tmp_path: Path) -> None:
     archive = tmp_path / "model.tar.gz"
     archive.write_bytes(DATA)
     stop = threading.Event()
@@ -696,7 +668,7 @@ def test_serve_forever_and_cli(tmp_path: Path) -> None:
         ready["server"] = s
         started.set()
 
-    t = threading.Thread(target=srv.serve_forever, args=(archive,), kwargs={"path": MODEL, "ready": on_ready, "stop_event": stop})
+    t = threading.Thread(target=serve_forever, args=(archive,), kwargs={"path": MODEL, "ready": on_ready, "stop_event": stop})
     t.start()
     try:
         assert started.wait(10)
@@ -705,19 +677,4 @@ def test_serve_forever_and_cli(tmp_path: Path) -> None:
     finally:
         stop.set()
         t.join(5)
-    assert not t.is_alive()
-
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER_PY), str(tmp_path), "--path", "/files"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline().strip() if proc.stdout else ""
-        assert line.startswith("http://127.0.0.1:") and line.endswith("/files"), line
-        with urllib.request.urlopen(line + "/model.tar.gz", timeout=10) as resp:
-            assert resp.read() == DATA
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    assert not t.is_alive()  # (`hubfast serve`, the one command line: test_cli.py)

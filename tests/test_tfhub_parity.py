@@ -20,7 +20,7 @@ import pytest
 
 import hubfast
 from hubfast import resolvers
-from hubfast.testing import TFHubServer
+from hubfast.server import TFHubServer
 from hubfast.testing.models import pack_tar, tree_digest, write_mul_model
 
 pytest.importorskip("tensorflow_hub")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import hubfast
-from hubfast.testing.server import TFHubServer
+from hubfast.server import TFHubServer
 
 pytest.importorskip("tensorflow_hub", reason="the parity baseline")  # noqa: spec check only
 pytestmark = pytest.mark.tf

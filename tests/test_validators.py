@@ -19,7 +19,8 @@ import pytest
 
 import hubfast
 from hubfast.testing.models import tree_digest
-from hubfast.testing.server import Fault, TFHubServer
+from hubfast.server import TFHubServer
+from hubfast.testing.faults import Fault
 
 MiB = 1 << 20
 PATH = "/org/model/1.tar"

@@ -177,7 +177,7 @@ def test_wheel_runs_the_demo_with_tensorflow(wheel, tmp_path):
     where = subprocess.run([py, "-c", "import hubfast._core as c; print(c.__file__)"],
                            capture_output=True, text=True, cwd="/", env=_clean_env())
     assert where.stdout.startswith(str(d)), where.stdout + where.stderr
-    p = subprocess.run([py, "-m", "hubfast.demo", "--size-mib", "16", "--workdir",
+    p = subprocess.run([py, "-m", "hubfast.testing.demo", "--size-mib", "16", "--workdir",
                         str(tmp_path / "work")],
                        capture_output=True, text=True, timeout=1200, cwd="/",
                        env=_clean_env(TFHUB_CACHE_DIR=str(tmp_path / "cache")))

@@ -81,7 +81,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence
 
 if TYPE_CHECKING:
-    from .testing.server import TFHubServer
+    from .server import TFHubServer
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -599,7 +599,7 @@ def serve_routes(source: str, path: Optional[str], workdir: str) -> List[Dict[st
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .testing.server import TFHubServer  # noqa: PLC0415
+    from .server import TFHubServer  # noqa: PLC0415
 
     stop = threading.Event()
 

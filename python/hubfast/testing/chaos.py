@@ -84,7 +84,7 @@ def _make_sources(work: Path, with_models: bool) -> Dict[str, Path]:
 
 
 def _fault(server, path: str, size: int, rng: random.Random):
-    from .server import Fault
+    from .faults import Fault
 
     name = rng.choice(_FAULTS)
     at = rng.randrange(1, size)
@@ -115,7 +115,7 @@ def run(iterations: int, workers: int = 3, load: bool = False, seed: int = 0,
         work: Path = None, timeout: float = 60.0, log=print, keep_failed: bool = False) -> Counts:
     from .. import _core
     from . import models
-    from .server import TFHubServer
+    from ..server import TFHubServer
 
     rng = random.Random(seed)
     own_work = work is None

@@ -270,7 +270,7 @@ def _wait_listening(host: netsim.Host, ip: str, port: int, timeout: float = 15) 
 
 
 def _origin(ip: str, port: int, archive: str) -> None:
-    from .server import TFHubServer  # noqa: PLC0415
+    from ..server import TFHubServer  # noqa: PLC0415
 
     server = TFHubServer(ip, port, timeout=300)
     server.add_archive(HANDLE_PATH, archive)

@@ -2,7 +2,7 @@
 server, and loads it cold and warm with ``hubfast.load`` in fresh processes, next to
 tensorflow_hub when it is installed.
 
-    python -m hubfast.demo [--size-mib 256] [--workdir DIR] [--keep]
+    python -m hubfast.testing.demo [--size-mib 256] [--workdir DIR] [--keep]
 
 Everything it writes (the model, its archives, one cache per row) goes in a fresh
 temporary directory, removed at the end unless ``--keep``; ``--workdir DIR`` builds in
@@ -19,13 +19,13 @@ import sys
 import tempfile
 
 def _run(style: str, url: str, cache: str, progress: bool) -> dict:
-    from .testing import coldstart
+    from . import coldstart
 
     return coldstart.run(style, url, cache, progress)
 
 
 def _build(workdir: str, size_mib: int) -> tuple:
-    from .testing import models
+    from . import models
 
     model = os.path.join(workdir, "model")
     if not os.path.exists(os.path.join(model, "saved_model.pb")):
@@ -106,7 +106,7 @@ def _demo(args: argparse.Namespace, workdir: str) -> None:
     if not args.no_baseline and not baseline:
         print("(tensorflow_hub is not installed: no baseline row)")
 
-    from .testing.server import TFHubServer
+    from ..server import TFHubServer
 
     _warm_tensorflow()
     rows = []

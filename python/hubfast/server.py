@@ -1,7 +1,9 @@
-"""A loopback HTTP(S) server speaking the TF Hub hosting protocol, with fault injection.
+"""The HTTP(S) server of `hubfast serve`, speaking the TF Hub hosting protocol.
 
-Used by hubfast's tests, demo and benchmarks. Standard library only: importing this module
-never imports hubfast's native module or TensorFlow, and the file also runs as a script.
+Serves archives and directories for local development and air-gapped mirrors, and is the
+real server hubfast's tests, demo and benchmarks run against (they inject faults with
+``hubfast.testing.faults``). Standard library only: importing it never imports hubfast's
+native module or TensorFlow.
 
 Protocol (as tfhub.dev and GCS behave)::
 
@@ -24,580 +26,50 @@ Example::
         ...
         assert server.stats.path("/google/model/1").archive_gets == 1
 
-Faults (see :class:`Fault`) are queued per URL path with :meth:`TFHubServer.inject` and apply to
-the next GET requests of that path, first in first out.
+Faults (``hubfast.testing.faults.Fault``) are queued per URL path with
+:meth:`TFHubServer.inject` and apply to the next GET requests of that path, first in first out.
 
-CRC32C: digests are computed lazily, once per object, and cached by content. The fastest
-available backend is used: the ``google-crc32c`` or ``crc32c`` PyPI packages, else ISA-L's
-``crc32_iscsi`` through ``ctypes`` when ``libisal`` is installed, else a pure-Python
-implementation (about 90 MB/s). For large benchmark files without an accelerated backend pass
-``goog_hash="md5"`` or ``"none"``, or precomputed ``digests=`` (see :func:`compute_digests`).
+Digests (``hubfast.digests``) are computed lazily, once per object, and cached by content.
+For large benchmark files without an accelerated CRC32C backend (``hubfast.crc32c``) pass
+``goog_hash="md5"`` or ``"none"``, or precomputed ``digests=``.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
 import collections
 import copy
-import ctypes
-import ctypes.util
-import dataclasses
 import email.utils
 import hashlib
 import html
 import http.server
-import ipaddress
 import logging
 import os
-import shutil
 import socket
 import socketserver
 import ssl
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
-from array import array
 from dataclasses import dataclass, field
-from typing import (
-    Callable,
-    Deque,
-    Dict,
-    Iterator,
-    List,
-    Mapping,
-    Optional,
-    Set,
-    Tuple,
-    Union,
-)
+from typing import TYPE_CHECKING, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
-__all__ = [
-    "TFHubServer",
-    "Fault",
-    "Digests",
-    "PathStats",
-    "RequestRecord",
-    "ServerStats",
-    "compute_digests",
-    "crc32c",
-    "crc32c_backend",
-    "goog_hash_header",
-    "make_self_signed_cert",
-    "serve_forever",
-    "main",
-    "ARCHIVE_SUFFIXES",
-]
+from .digests import Digests, Source, compute_digests, file_key, goog_hash_header
 
-_log = logging.getLogger("hubfast.testing")
+if TYPE_CHECKING:
+    from .testing.faults import Fault
+
+__all__ = ["TFHubServer", "PathStats", "RequestRecord", "ServerStats", "serve_forever", "ARCHIVE_SUFFIXES"]
+
+_log = logging.getLogger("hubfast.server")
 
 #: Paths ending in one of these are served without the ``tf-hub-format`` query.
 ARCHIVE_SUFFIXES: Tuple[str, ...] = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz")
 
-Source = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]
-
-_MASK32 = 0xFFFFFFFF
 _CHUNK = 1 << 20  # body slice when nothing slows the response down
 _THROTTLED_SLICE = 64 << 10  # body slice under a bandwidth cap
 _SENDFILE_PIECE = 8 << 20  # one sendfile() call; the stop flag is checked between pieces
-_READ_CHUNK = 4 << 20  # digest computation reads (a multiple of the CRC block size)
-
-
-# --------------------------------------------------------------------------------------------
-# CRC32C (Castagnoli)
-# --------------------------------------------------------------------------------------------
-# All backends work on the CRC "register": it starts at 0xFFFFFFFF and the final CRC is the
-# register XOR 0xFFFFFFFF. update(register, data) -> register.
-
-_CRC32C_POLY = 0x82F63B78  # reflected Castagnoli polynomial
-
-
-def _make_crc_table() -> List[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ (_CRC32C_POLY if c & 1 else 0)
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _make_crc_table()
-
-
-def _crc_update_bytewise(reg: int, data: Union[bytes, memoryview]) -> int:
-    table = _CRC_TABLE
-    for b in data:
-        reg = table[(reg ^ b) & 0xFF] ^ (reg >> 8)
-    return reg
-
-
-class _BlockCrc:
-    """Pure-Python CRC32C, about 10x a byte loop, by doing the per-byte work in C-level calls.
-
-    The register update is linear over GF(2), so the CRC of a block of N bytes (from a zero
-    register) is the XOR over positions i of ``T_d[b_i]``, where ``T_d[b]`` is the register after
-    feeding byte b then d zero bytes (d = N-1-i). For a chunk of K blocks, column i (every N-th
-    byte, one ``bytes`` slice) is mapped through ``T_d`` one output byte at a time with
-    ``bytes.translate``; the columns are XORed together as big integers. That yields each
-    block's contribution c_k; a short Python loop then chains the blocks:
-    ``reg = advance_N(reg) ^ c_k``, where ``advance_N`` (N zero bytes) is four table lookups.
-    """
-
-    N = 1024
-    BLOCKS_PER_PIECE = 4096
-
-    def __init__(self) -> None:
-        n = self.N
-        base = [bytes((_CRC_TABLE[b] >> (8 * m)) & 0xFF for b in range(256)) for m in range(4)]
-        tables: List[List[bytes]] = [base]
-        cur = base
-        fb = int.from_bytes
-        for _ in range(1, n):
-            # One more zero byte: reg' = T[reg & 0xFF] ^ (reg >> 8), for all 256 entries at once.
-            low = [cur[0].translate(base[m]) for m in range(4)]
-            cur = [
-                (fb(cur[1], "little") ^ fb(low[0], "little")).to_bytes(256, "little"),
-                (fb(cur[2], "little") ^ fb(low[1], "little")).to_bytes(256, "little"),
-                (fb(cur[3], "little") ^ fb(low[2], "little")).to_bytes(256, "little"),
-                low[3],
-            ]
-            tables.append(cur)
-        self._tables = tables
-
-        def as_ints(d: int) -> List[int]:
-            t = tables[d]
-            return [t[0][b] | (t[1][b] << 8) | (t[2][b] << 16) | (t[3][b] << 24) for b in range(256)]
-
-        # advance_N(reg) = XOR_m T_{N-1-m}[byte m of reg]
-        self._advance = [as_ints(n - 1 - m) for m in range(4)]
-
-    def _blocks(self, reg: int, piece: bytes) -> int:
-        n = self.N
-        k = len(piece) // n
-        fb = int.from_bytes
-        a0 = a1 = a2 = a3 = 0
-        tables = self._tables
-        for i in range(n):
-            col = piece[i::n]
-            t = tables[n - 1 - i]
-            a0 ^= fb(col.translate(t[0]), "little")
-            a1 ^= fb(col.translate(t[1]), "little")
-            a2 ^= fb(col.translate(t[2]), "little")
-            a3 ^= fb(col.translate(t[3]), "little")
-        inter = bytearray(4 * k)
-        inter[0::4] = a0.to_bytes(k, "little")
-        inter[1::4] = a1.to_bytes(k, "little")
-        inter[2::4] = a2.to_bytes(k, "little")
-        inter[3::4] = a3.to_bytes(k, "little")
-        words = array("I")
-        if words.itemsize != 4:  # pragma: no cover - exotic platforms
-            words = array("L")
-        words.frombytes(bytes(inter))
-        if sys.byteorder == "big":  # pragma: no cover
-            words.byteswap()
-        z0, z1, z2, z3 = self._advance
-        for c in words:
-            reg = z0[reg & 0xFF] ^ z1[(reg >> 8) & 0xFF] ^ z2[(reg >> 16) & 0xFF] ^ z3[reg >> 24] ^ c
-        return reg
-
-    def update(self, reg: int, data: Union[bytes, bytearray, memoryview]) -> int:
-        mv = memoryview(data).cast("B")
-        total = len(mv)
-        n = self.N
-        piece_max = n * self.BLOCKS_PER_PIECE
-        off = 0
-        while total - off >= n:
-            take = min(piece_max, (total - off) // n * n)
-            piece = bytes(mv[off : off + take])
-            reg = self._blocks(reg, piece)
-            off += take
-        return _crc_update_bytewise(reg, mv[off:])
-
-
-class _CrcBackend:
-    def __init__(self, name: str, update: Callable[[int, bytes], int]) -> None:
-        self.name = name
-        self.update = update
-
-
-def _validate_backend(backend: _CrcBackend) -> bool:
-    try:
-        whole = backend.update(_MASK32, b"123456789") ^ _MASK32
-        split = backend.update(backend.update(_MASK32, b"12345"), b"6789") ^ _MASK32
-        return whole == split == 0xE3069283
-    except Exception:  # noqa: BLE001 - any failure means "do not use this backend"
-        return False
-
-
-def _google_crc32c_backend() -> Optional[_CrcBackend]:
-    try:
-        import google_crc32c  # type: ignore[import-not-found]
-    except Exception:  # noqa: BLE001
-        return None
-    if getattr(google_crc32c, "implementation", "c") != "c":
-        return None  # its pure-Python fallback is slower than ours
-    return _CrcBackend(
-        "google_crc32c", lambda reg, data: google_crc32c.extend(reg ^ _MASK32, bytes(data)) ^ _MASK32
-    )
-
-
-def _crc32c_pkg_backend() -> Optional[_CrcBackend]:
-    try:
-        import crc32c as crc32c_pkg  # type: ignore[import-not-found]
-    except Exception:  # noqa: BLE001
-        return None
-    return _CrcBackend(
-        "crc32c", lambda reg, data: crc32c_pkg.crc32c(bytes(data), reg ^ _MASK32) ^ _MASK32
-    )
-
-
-def _isal_backend() -> Optional[_CrcBackend]:
-    names = ["libisal.so.2", "libisal.so", ctypes.util.find_library("isal")]
-    lib = None
-    for name in names:
-        if not name:
-            continue
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    if lib is None or not hasattr(lib, "crc32_iscsi"):
-        return None
-    fn = lib.crc32_iscsi
-    fn.restype = ctypes.c_uint32
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
-    step = 1 << 30  # the length is a C int
-
-    def update(reg: int, data: Union[bytes, bytearray, memoryview]) -> int:
-        # Register in, register out (crc32_iscsi does no final inversion).
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
-        for off in range(0, len(data), step):
-            reg = fn(base + off, min(step, len(data) - off), reg)
-        return reg
-
-    return _CrcBackend("isal", update)
-
-
-_backend_lock = threading.Lock()
-_backend: Optional[_CrcBackend] = None
-
-
-def _crc_backend() -> _CrcBackend:
-    global _backend
-    with _backend_lock:
-        if _backend is None:
-            for make in (_google_crc32c_backend, _crc32c_pkg_backend, _isal_backend):
-                candidate = make()
-                if candidate is not None and _validate_backend(candidate):
-                    _backend = candidate
-                    break
-            else:
-                engine = _BlockCrc()
-                _backend = _CrcBackend("python", engine.update)
-        return _backend
-
-
-def crc32c(data: Union[bytes, bytearray, memoryview], value: int = 0) -> int:
-    """CRC32C (Castagnoli) of ``data``; pass a previous result as ``value`` to continue it.
-
-    ``crc32c(b"123456789") == 0xE3069283``; ``crc32c(b, crc32c(a)) == crc32c(a + b)``.
-    """
-    return _crc_backend().update(value ^ _MASK32, data) ^ _MASK32
-
-
-def crc32c_backend() -> str:
-    """Which CRC32C implementation is in use: google_crc32c, crc32c, isal or python."""
-    return _crc_backend().name
-
-
-# --------------------------------------------------------------------------------------------
-# Digests
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Digests:
-    """Digests of a whole object, as GCS advertises them in ``x-goog-hash``."""
-
-    size: Optional[int] = None
-    md5: Optional[bytes] = None  # the 16-byte digest
-    crc32c: Optional[int] = None  # the CRC as an unsigned 32-bit integer
-
-    @classmethod
-    def coerce(cls, value: Union["Digests", Mapping[str, object], None]) -> Optional["Digests"]:
-        """Accept a Digests or a mapping ``{"md5": bytes|hex str, "crc32c": int, "size": int}``."""
-        if value is None or isinstance(value, Digests):
-            return value
-        md5 = value.get("md5")
-        if isinstance(md5, str):
-            md5 = bytes.fromhex(md5)
-        crc = value.get("crc32c")
-        size = value.get("size")
-        return cls(
-            size=int(size) if size is not None else None,  # type: ignore[arg-type]
-            md5=bytes(md5) if md5 is not None else None,  # type: ignore[arg-type]
-            crc32c=int(crc) if crc is not None else None,  # type: ignore[arg-type]
-        )
-
-    def merged(self, other: Optional["Digests"]) -> "Digests":
-        """Fields of ``self`` win; missing ones are taken from ``other``."""
-        if other is None:
-            return self
-        return Digests(
-            size=self.size if self.size is not None else other.size,
-            md5=self.md5 if self.md5 is not None else other.md5,
-            crc32c=self.crc32c if self.crc32c is not None else other.crc32c,
-        )
-
-
-def goog_hash_header(digests: Digests, which: str = "both") -> List[str]:
-    """The ``x-goog-hash`` values (``crc32c=<b64 big-endian>``, ``md5=<b64>``) for ``which``."""
-    parts = []
-    if which in ("both", "crc32c") and digests.crc32c is not None:
-        parts.append("crc32c=" + base64.b64encode(struct.pack(">I", digests.crc32c)).decode())
-    if which in ("both", "md5") and digests.md5 is not None:
-        parts.append("md5=" + base64.b64encode(digests.md5).decode())
-    return parts
-
-
-_digest_cache_lock = threading.Lock()
-_digest_cache: Dict[Tuple[object, ...], Digests] = {}
-
-
-def _file_key(path: str) -> Tuple[object, ...]:
-    st = os.stat(path)
-    return ("file", os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def compute_digests(source: Source, *, md5: bool = True, crc32c: bool = True) -> Digests:
-    """md5 and/or CRC32C of bytes or of a file (read in chunks), cached by content.
-
-    In-memory data is keyed by its md5 (cheap), files by their identity and mtime, so
-    registering the same benchmark file twice computes its CRC once per process.
-    """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = source if isinstance(source, bytes) else bytes(source)
-        md5_digest = hashlib.md5(data).digest()
-        key: Tuple[object, ...] = ("bytes", len(data), md5_digest)
-        with _digest_cache_lock:
-            cached = _digest_cache.get(key)
-        crc = cached.crc32c if cached is not None else None
-        if crc32c and crc is None:
-            crc = _crc_backend().update(_MASK32, data) ^ _MASK32
-        result = Digests(len(data), md5_digest, crc)
-    else:
-        path = os.fspath(source)
-        key = _file_key(path)
-        with _digest_cache_lock:
-            cached = _digest_cache.get(key)
-        need_md5 = md5 and (cached is None or cached.md5 is None)
-        need_crc = crc32c and (cached is None or cached.crc32c is None)
-        computed = Digests(size=os.stat(path).st_size)
-        if need_md5 or need_crc:
-            hasher = hashlib.md5() if need_md5 else None
-            backend = _crc_backend() if need_crc else None
-            reg = _MASK32
-            with open(path, "rb") as f:
-                while True:
-                    chunk = f.read(_READ_CHUNK)
-                    if not chunk:
-                        break
-                    if hasher is not None:
-                        hasher.update(chunk)
-                    if backend is not None:
-                        reg = backend.update(reg, chunk)
-            computed = Digests(
-                size=computed.size,
-                md5=hasher.digest() if hasher is not None else None,
-                crc32c=(reg ^ _MASK32) if backend is not None else None,
-            )
-        result = computed.merged(cached)
-    with _digest_cache_lock:
-        _digest_cache[key] = result.merged(_digest_cache.get(key))
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# Faults
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One injected misbehaviour, applied to one GET request. Build it with the class methods;
-    combine several with ``|`` (e.g. ``Fault.delay(1) | Fault.drop(100)``).
-
-    Offsets for ``drop``, ``stall`` and ``truncate`` count body bytes of that response; the
-    ``flip`` offset is a position in the object, so the same object byte is corrupted whatever
-    range the client asks for (no effect when it lies outside the range served).
-
-    - ``Fault.status(code, retry_after=None, body=None, headers=None)``: answer with that status
-      (e.g. 500, 503, 429, 404, 403, 408), optionally with ``Retry-After``, instead of the content.
-    - ``Fault.delay(seconds)``: wait before sending the headers, then serve normally.
-    - ``Fault.drop(after, reset=False)``: close the connection after ``after`` body bytes (RST
-      instead of FIN with ``reset=True``); ``Content-Length`` announces the full body.
-    - ``Fault.stall(after, seconds, then="continue"|"close")``: stop sending after ``after``
-      body bytes for ``seconds``, then continue or close.
-    - ``Fault.flip(offset)``: XOR 0xFF into the object byte at ``offset``.
-    - ``Fault.truncate(n)``: a short object: only the first ``n`` body bytes, with an honest
-      ``Content-Length: n`` (and a matching ``Content-Range`` on 206); the connection stays open.
-    - ``Fault.lying_length(delta)``: ``Content-Length`` = true length + ``delta``; positive: send
-      the true body then close; negative: send only ``Content-Length`` bytes then close.
-    - ``Fault.close_after_headers()``: send the headers, then close.
-    - ``Fault.slow(rate)``: send the body at ``rate`` bytes/s (overrides the server's cap).
-    - ``Fault.wrong_content_range(shift=1, value=None)``: on a 206, announce a ``Content-Range``
-      shifted by ``shift`` bytes (or the literal ``value``); the body is the requested range.
-    - ``Fault.garbage(n, data=None)``: append ``n`` extra bytes after the body, with
-      ``Content-Length`` covering them.
-    - ``Fault.ignore_range()``: ignore ``Range`` and answer 200 with the whole object.
-    - ``Fault.endless(upto, fill=b"\\0")``: no ``Content-Length``; after the body, ``fill`` over and
-      over until ``upto`` bytes more were sent or the client closes (a server that never stops).
-    - ``Fault.other_version(data)``: serve ``data`` instead of the object's bytes, under the
-      object's own ``ETag`` and ``Last-Modified`` (a server that changed the object without
-      changing its validator); combine with ``ignore_range()`` for a 200 to a resume.
-    - ``Fault.without_headers(*names)``: leave out these response headers (e.g. ``"ETag"``,
-      ``"Last-Modified"``: a server without validators, or a part that lost its validator).
-    - ``Fault.weak_etag()``: send the ETag as a weak one (``W/"..."``).
-
-    ``status`` and ``delay`` apply to any path (redirects and 404s included); body faults apply to
-    objects. A fault is consumed by the GET that takes it, whether or not it had an effect.
-    """
-
-    code: Optional[int] = None
-    retry_after: Optional[str] = None
-    extra_headers: Tuple[Tuple[str, str], ...] = ()
-    body: Optional[bytes] = None
-    delay_s: float = 0.0
-    drop_at: Optional[int] = None
-    drop_reset: bool = False
-    stall_at: Optional[int] = None
-    stall_s: float = 0.0
-    stall_close: bool = False
-    flip_at: Optional[int] = None
-    truncate_to: Optional[int] = None
-    length_delta: int = 0
-    close_headers: bool = False
-    drip_rate: Optional[float] = None
-    content_range_shift: int = 0
-    content_range_value: Optional[str] = None
-    garbage_bytes: bytes = b""
-    no_range: bool = False
-    endless_upto: int = 0
-    endless_fill: bytes = b"\0"
-    other_data: Optional[bytes] = None
-    omit_headers: Tuple[str, ...] = ()
-    weak: bool = False
-
-    @classmethod
-    def status(
-        cls,
-        code: int,
-        retry_after: Union[int, float, str, None] = None,
-        body: Optional[bytes] = None,
-        headers: Optional[Mapping[str, str]] = None,
-    ) -> "Fault":
-        ra = None
-        if retry_after is not None:
-            ra = retry_after if isinstance(retry_after, str) else str(int(retry_after))
-        return cls(code=code, retry_after=ra, body=body, extra_headers=tuple((headers or {}).items()))
-
-    @classmethod
-    def delay(cls, seconds: float) -> "Fault":
-        return cls(delay_s=float(seconds))
-
-    @classmethod
-    def drop(cls, after: int, reset: bool = False) -> "Fault":
-        return cls(drop_at=int(after), drop_reset=reset)
-
-    @classmethod
-    def stall(cls, after: int, seconds: float, then: str = "continue") -> "Fault":
-        if then not in ("continue", "close"):
-            raise ValueError("then must be 'continue' or 'close'")
-        return cls(stall_at=int(after), stall_s=float(seconds), stall_close=(then == "close"))
-
-    @classmethod
-    def flip(cls, offset: int) -> "Fault":
-        return cls(flip_at=int(offset))
-
-    @classmethod
-    def truncate(cls, n: int) -> "Fault":
-        return cls(truncate_to=int(n))
-
-    @classmethod
-    def lying_length(cls, delta: int) -> "Fault":
-        return cls(length_delta=int(delta))
-
-    @classmethod
-    def close_after_headers(cls) -> "Fault":
-        return cls(close_headers=True)
-
-    @classmethod
-    def slow(cls, rate: float) -> "Fault":
-        if rate <= 0:
-            raise ValueError("rate must be positive")
-        return cls(drip_rate=float(rate))
-
-    @classmethod
-    def wrong_content_range(cls, shift: int = 1, value: Optional[str] = None) -> "Fault":
-        return cls(content_range_shift=int(shift), content_range_value=value)
-
-    @classmethod
-    def garbage(cls, n: int, data: Optional[bytes] = None) -> "Fault":
-        if data is None:
-            data = (b"GARBAGE!" * (n // 8 + 1))[:n]
-        return cls(garbage_bytes=bytes(data[:n]))
-
-    @classmethod
-    def ignore_range(cls) -> "Fault":
-        return cls(no_range=True)
-
-    @classmethod
-    def endless(cls, upto: int, fill: bytes = b"\0") -> "Fault":
-        if upto <= 0 or not fill:
-            raise ValueError("endless needs upto > 0 and a non-empty fill")
-        return cls(endless_upto=int(upto), endless_fill=bytes(fill))
-
-    @classmethod
-    def other_version(cls, data: bytes) -> "Fault":
-        return cls(other_data=bytes(data))
-
-    @classmethod
-    def weak_etag(cls) -> "Fault":
-        return cls(weak=True)
-
-    @classmethod
-    def without_headers(cls, *names: str) -> "Fault":
-        return cls(omit_headers=tuple(n.lower() for n in names))
-
-    def __or__(self, other: "Fault") -> "Fault":
-        if not isinstance(other, Fault):
-            return NotImplemented
-        changes = {}
-        for f in dataclasses.fields(self):
-            value = getattr(other, f.name)
-            if value != f.default:
-                changes[f.name] = value
-        return dataclasses.replace(self, **changes)
-
-    def describe(self) -> str:
-        """A short text such as ``"status=503,retry_after=1"`` for logs and request records."""
-        parts = []
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value != f.default:
-                if isinstance(value, bytes):
-                    parts.append(f"{f.name}={value!r}" if len(value) <= 32 else f"{f.name}=<{len(value)} bytes>")
-                else:
-                    parts.append(f"{f.name}={value}")
-        return ",".join(parts) or "none"
 
 
 # --------------------------------------------------------------------------------------------
@@ -762,7 +234,7 @@ class _Object:
             with open(self.file, "rb") as f:
                 head = f.read(512)
             self.mtime = float(int(last_modified if last_modified is not None else st.st_mtime))
-            self._stat_key = _file_key(self.file)
+            self._stat_key = file_key(self.file)
         self.content_type = content_type or _guess_content_type(path, head)
         given = Digests.coerce(digests)
         self._digests = Digests(size=self.size).merged(given)
@@ -1353,14 +825,14 @@ class _HTTPServer(socketserver.TCPServer):
 # --------------------------------------------------------------------------------------------
 
 
-TLSArg = Union[Tuple[str, str], ssl.SSLContext, bool, None]
+TLSArg = Union[Tuple[str, str], ssl.SSLContext, None]
 
 
 class TFHubServer:
     """HTTP/1.1 server on loopback speaking the TF Hub protocol; see the module docstring.
 
-    ``tls``: ``(certfile, keyfile)``, an ``ssl.SSLContext``, ``True`` (a throw-away CA and
-    certificate are generated; the CA is at ``.ca_cert``) or ``None`` for plain HTTP.
+    ``tls``: ``(certfile, keyfile)``, an ``ssl.SSLContext`` or ``None`` for plain HTTP (tests
+    make a throwaway CA with ``hubfast.testing.certs``).
     ``bandwidth``: per-connection cap in bytes/s (token bucket, 64 KiB slices).
     ``total_bandwidth``: a cap in bytes/s on all connections together (a slow link, where
     more connections bring no more bytes); not with ``bandwidth``.
@@ -1385,8 +857,6 @@ class TFHubServer:
         self._link = (_SharedThrottle(total_bandwidth, _Throttle.slice_for(total_bandwidth))
                       if total_bandwidth else None)
         self.timeout = float(timeout)
-        self.ca_cert: Optional[str] = None
-        self._tmpdir: Optional[str] = None
         self._ssl_context = self._make_ssl_context(tls)
 
         self._lock = threading.RLock()
@@ -1405,15 +875,11 @@ class TFHubServer:
         self._serve_thread: Optional[threading.Thread] = None
 
     def _make_ssl_context(self, tls: TLSArg) -> Optional[ssl.SSLContext]:
-        if tls is None or tls is False:
+        if tls is None:
             return None
         if isinstance(tls, ssl.SSLContext):
             return tls
-        if tls is True:
-            self._tmpdir = tempfile.mkdtemp(prefix="hubfast-tls-")
-            self.ca_cert, cert, key = make_self_signed_cert(self._tmpdir)
-        else:
-            cert, key = tls
+        cert, key = tls  # type: ignore[misc]
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key)
         return ctx
@@ -1463,11 +929,7 @@ class TFHubServer:
         self._serve_thread = None
 
     def close(self) -> None:
-        """Stop and remove generated TLS files."""
         self.stop()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
 
     def __enter__(self) -> "TFHubServer":
         return self.start()
@@ -1747,74 +1209,9 @@ class TFHubServer:
             self._threads.discard(thread)
 
 
-# --------------------------------------------------------------------------------------------
-# TLS certificates
-# --------------------------------------------------------------------------------------------
-
-
-def _openssl(*args: str, cwd: str) -> None:
-    subprocess.run(
-        ["openssl", *args],
-        cwd=cwd,
-        check=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        timeout=60,
-    )
-
-
-def make_self_signed_cert(
-    dirpath: Union[str, "os.PathLike[str]"], hostname: str = "127.0.0.1"
-) -> Tuple[str, str, str]:
-    """Create a test CA and a server certificate signed by it, with the ``openssl`` tool.
-
-    The server certificate's subjectAltName holds IP:127.0.0.1, IP:::1, DNS:localhost and
-    ``hostname``. Returns ``(ca_cert_path, cert_path, key_path)`` (PEM files in ``dirpath``).
-    Keys are P-256 (fast to generate); extensions satisfy ``VERIFY_X509_STRICT``.
-    """
-    d = os.fspath(dirpath)
-    os.makedirs(d, exist_ok=True)
-    ca_key, ca_cert = "ca.key", "ca.pem"
-    key, csr, cert = "server.key", "server.csr", "server.pem"
-    sans = ["IP:127.0.0.1", "IP:::1", "DNS:localhost"]
-    try:
-        ipaddress.ip_address(hostname)
-        extra = "IP:" + hostname
-    except ValueError:
-        extra = "DNS:" + hostname
-    if extra not in sans:
-        sans.append(extra)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl(
-        "req", "-x509", *ec, "-keyout", ca_key, "-out", ca_cert, "-days", "3650", "-sha256",
-        "-subj", "/CN=hubfast test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        "-addext", "subjectKeyIdentifier=hash",
-        cwd=d,
-    )  # fmt: skip
-    _openssl("req", "-new", *ec, "-keyout", key, "-out", csr, "-subj", f"/CN={hostname}", cwd=d)
-    with open(os.path.join(d, "server.ext"), "w") as f:
-        f.write(
-            "basicConstraints=critical,CA:FALSE\n"
-            "keyUsage=critical,digitalSignature,keyEncipherment\n"
-            "extendedKeyUsage=serverAuth\n"
-            "subjectKeyIdentifier=hash\n"
-            "authorityKeyIdentifier=keyid,issuer\n"
-            f"subjectAltName={','.join(sans)}\n"
-        )
-    serial = "0x" + os.urandom(8).hex()
-    _openssl(
-        "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-set_serial", serial,
-        "-out", cert, "-days", "3650", "-sha256", "-extfile", "server.ext",
-        cwd=d,
-    )  # fmt: skip
-    return os.path.join(d, ca_cert), os.path.join(d, cert), os.path.join(d, key)
-
 
 # --------------------------------------------------------------------------------------------
-# Command line
+# Serving until stopped
 # --------------------------------------------------------------------------------------------
 
 
@@ -1852,48 +1249,3 @@ def serve_forever(
         pass
     finally:
         server.close()
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hubfast.testing.server",
-        description="Serve a model archive or a directory over the TF Hub hosting protocol.",
-    )
-    parser.add_argument("source", help="an archive file or a directory")
-    parser.add_argument("--path", help="URL path (a handle path such as /google/model/1, or a prefix)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--bandwidth", type=float, help="per-connection cap, bytes/s")
-    parser.add_argument("--goog-hash", default="both", choices=_GOOG_HASH_MODES)
-    parser.add_argument("--tls-dir", help="generate a CA and certificate there and serve HTTPS")
-    args = parser.parse_args(argv)
-
-    tls: TLSArg = None
-    ca = None
-    if args.tls_dir:
-        ca, cert, key = make_self_signed_cert(args.tls_dir, args.host)
-        tls = (cert, key)
-
-    def ready(server: TFHubServer) -> None:
-        src = os.fspath(args.source)
-        shown = args.path or ("/" if os.path.isdir(src) else "/" + os.path.basename(src))
-        sys.stdout.write(f"{server.url_for(shown)}\n")
-        if ca:
-            sys.stdout.write(f"CA certificate: {ca}\n")
-        sys.stdout.flush()
-
-    serve_forever(
-        args.source,
-        path=args.path,
-        host=args.host,
-        port=args.port,
-        tls=tls,
-        bandwidth=args.bandwidth,
-        goog_hash=args.goog_hash,
-        ready=ready,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
