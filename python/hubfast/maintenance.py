@@ -1,13 +1,7 @@
 """Cache maintenance: list, verify, remove and prune entries (``hubfast ls/verify/rm/prune``).
 
-A cache root holds, per entry ``<sha1>`` (see README "Cache"): the model
-directory ``<sha1>/``, ``<sha1>.descriptor.txt`` (tensorflow_hub's, naming the
-handle), ``<sha1>.hubfast`` (hubfast's manifest), the never-deleted lock files
-``<sha1>.hubfast.lock`` (writers), ``<sha1>.hubfast.use`` (readers, shared) and
-``<sha1>.hubfast.hb`` (writers on file systems without reliable ``flock``),
-tensorflow_hub's ``<sha1>.lock`` while it downloads, temp directories
-``<sha1>.<uid>.tmp`` (hubfast's uids start with ``hf``) and replaced trees
-``<sha1>.hf<hex>.old``.
+The cache's files, manifest, locks, temp names and repair are described once, in
+docs/cache-protocol.md; this module reads them as the native core writes them.
 
 States (``EntryInfo.state``):
 
@@ -21,13 +15,8 @@ States (``EntryInfo.state``):
 * ``abandoned``: leftovers of a dead writer (temp directories, a descriptor or
   manifest without a directory); ``rm``/``prune`` remove them.
 
-Removal (``remove_entry``) never pulls files from under a user: it takes the
-entry's writer lock (waiting at most ``lock_wait`` seconds) and its use-lock
-EXCLUSIVELY WITHOUT WAITING (``load()`` and ``KerasLayer`` hold it shared), so an
-entry being written or read is skipped. Then it renames the directory to
-``<sha1>.hf<hex>.old`` (the entry disappears in one step: a later lookup sees
-it missing, never half a tree), deletes that tree, then the manifest and the
-descriptor. Lock files are never deleted.
+Removal (``remove_entry``) never pulls files from under a user: it skips an entry
+being written or read (docs/cache-protocol.md, "Removing").
 """
 from __future__ import annotations
 

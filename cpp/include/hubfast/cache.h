@@ -2,6 +2,8 @@
 // An entry <root>/<name>/ appears only by rename of a finished temp
 // directory <root>/<name>.hf<hex>.tmp after every byte was verified; its
 // manifest <root>/<name>.hubfast is tied to that directory by inode.
+// The protocol (files, manifest format, locks, temp names, repair) is written
+// once in docs/cache-protocol.md: change it there first.
 #pragma once
 #include <cstdint>
 #include <functional>

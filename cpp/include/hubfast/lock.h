@@ -1,4 +1,4 @@
-// Cross-process locks on cache entries.
+// Cross-process locks on cache entries (docs/cache-protocol.md, "Locks").
 //  - FileLock: flock on a lock file that is never deleted. The kernel
 //    releases it when the holder dies, so waiters need no stale detection.
 //  - HeartbeatLock: for file systems where flock is not reliable (Lustre
