@@ -23,7 +23,8 @@ from hubfast.testing import models
 
 PYTHONPATH = str(Path(hubfast.__file__).resolve().parents[1])
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts and useradd")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="needs root: mounts and useradd"),
+              pytest.mark.tf]  # load(), KerasLayer and Module run TensorFlow
 
 # The child: loads both models through all three APIs, then reports what it saw.
 CHILD = """
