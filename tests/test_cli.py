@@ -34,6 +34,7 @@ from hubfast.cache import entry_name
 from hubfast.pack import SEEK_TABLE_MAGIC, SEEKABLE_MAGIC, read_seek_table
 from hubfast.testing.models import tree_digest
 from hubfast.server import TFHubServer
+from hubfast.testing.faults import Fault
 
 PYTHONPATH = str(Path(hubfast.__file__).resolve().parents[1])
 MODEL = "/test/model/1"
@@ -466,17 +467,19 @@ def test_rm_and_prune_skip_an_entry_in_use(server, cache, model_dir):
     assert [r["name"] for r in doc["removed"]] == [entry_name(url)]
 
 
-def test_rm_skips_an_entry_being_written(model_dir, tmp_path, archives):
+def test_rm_skips_an_entry_being_written(server, model_dir, tmp_path):
     cache = tmp_path / "cache"
-    # A slow server (one capped connection): the fetch takes ~3 s.
-    with TFHubServer(bandwidth=1 << 20) as slow:
-        slow.add_archive(MODEL, str(archives["gz"]))
-        url = slow.url_for(MODEL)
-        fetch = subprocess.Popen([sys.executable, "-m", "hubfast", "fetch", url],
-                                 env=_env(cache, HUBFAST_CONNECTIONS="1"),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 20
-        while not [n for n in _files(cache) if n.endswith(".tmp")]:
+    # The server holds the body mid-transfer until the checks below are done: the entry is
+    # being written for as long as they take, however busy the machine.
+    release, reached = threading.Event(), threading.Event()
+    server.inject(MODEL, Fault.hold(64 << 10, release, reached))
+    url = server.url_for(MODEL)
+    fetch = subprocess.Popen([sys.executable, "-m", "hubfast", "fetch", url],
+                             env=_env(cache, HUBFAST_CONNECTIONS="1", HUBFAST_STALL_TIMEOUT="600"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (reached.is_set() and [n for n in _files(cache) if n.endswith(".tmp")]):
             assert time.time() < deadline and fetch.poll() is None, "no download started"
             time.sleep(0.02)
         doc = hf_json("ls", cache=cache)
@@ -487,9 +490,12 @@ def test_rm_skips_an_entry_being_written(model_dir, tmp_path, archives):
         p = hf("rm", url, "--lock-wait", "0.2", cache=cache)
         assert p.returncode == 4, p.stderr  # being written: skipped
         assert "being written" in p.stderr and url in p.stderr
-        assert fetch.poll() is None, "the download ended too early for this test"
-        out, err = fetch.communicate(timeout=60)
-        assert fetch.returncode == 0, err
+        assert fetch.poll() is None, "the download ended while held"
+    finally:
+        release.set()
+        server.clear_faults(MODEL)
+    out, err = fetch.communicate(timeout=120)
+    assert fetch.returncode == 0, err
     assert out.strip() == str(cache / entry_name(url))
     assert _tree(cache / entry_name(url)) == _tree(model_dir)
     assert _leftovers(cache) == []
@@ -554,9 +560,12 @@ import json, os, random, sys, time
 import hubfast
 from hubfast import _core, resolvers
 from hubfast.testing.models import tree_digest
-handle, expected, until = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+handle, expected, progress, stop = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 out = {"loads": 0, "raced": 0, "downloads": 0, "bad": []}
-while time.time() < until:
+while not os.path.exists(stop):  # the test stops us once it saw enough, however slow the machine
+    with open(progress + ".new", "w") as f:
+        json.dump(out, f)
+    os.replace(progress + ".new", progress)
     time.sleep(random.uniform(0.05, 0.3))  # not holding it: maintenance may remove it now
     entry = resolvers.resolve_entry(handle)
     out["downloads"] += not hubfast.last_stats().get("cached", True)
@@ -581,10 +590,16 @@ def test_rm_and_prune_racing_fetch_and_load_never_break_an_entry(server, tmp_pat
     url = server.url_for(MODEL)
     name = entry_name(url)
     expected = json.dumps({k: list(v) for k, v in tree_digest(model_dir).items()})
-    until = time.time() + 6
-    clients = [subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, url, expected, str(until)],
+    stop_file = tmp_path / "stop"
+    progress = [tmp_path / f"progress{i}.json" for i in range(3)]
+    clients = [subprocess.Popen([sys.executable, "-c", CLIENT_SCRIPT, url, expected, str(progress[i]),
+                                 str(stop_file)],
                                 env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for _ in range(3)]
+                                text=True) for i in range(3)]
+
+    def client_totals() -> Dict[str, int]:
+        docs = [json.loads(p.read_text()) for p in progress if p.exists()]
+        return {k: sum(d[k] for d in docs) for k in ("loads", "downloads")}
     bad_states: List[str] = []
     stop = threading.Event()
 
@@ -614,13 +629,21 @@ def test_rm_and_prune_racing_fetch_and_load_never_break_an_entry(server, tmp_pat
     watcher = threading.Thread(target=watch)
     watcher.start()
     codes: Dict[int, int] = {}
+    # Race for at least 6 s, and on until the interleavings checked below have all happened
+    # (a busy machine runs fewer rounds in 6 s); a generous bound ends a run where they never do.
+    start = time.time()
     try:
-        while time.time() < until:
+        while time.time() < start + 180:
             for args in (("rm", url, "--lock-wait", "0.5"), ("prune", "--max-size", "0")):
                 p = hf(*args, cache=cache)
                 codes[p.returncode] = codes.get(p.returncode, 0) + 1
                 assert p.returncode in (0, 3, 4), (args, p.stdout, p.stderr)
+            seen = client_totals()
+            if (time.time() >= start + 6 and codes.get(0, 0) > 0 and codes.get(4, 0) > 0
+                    and seen["loads"] > 10 and seen["downloads"] >= 2):
+                break
     finally:
+        stop_file.touch()
         results = []
         for c in clients:
             out, err = c.communicate(timeout=60)

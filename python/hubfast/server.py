@@ -623,6 +623,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             throttle = _Throttle(fault.drip_rate, _Throttle.slice_for(fault.drip_rate))
         drop_at = fault.drop_at if fault is not None else None
         stall_at = fault.stall_at if fault is not None else None
+        hold_at = None
+        if fault is not None and fault.hold_at is not None:
+            hold_at = max(0, min(fault.hold_at, length - 1))  # some body is left to send
         flip_at = None
         if fault is not None and fault.flip_at is not None and start <= fault.flip_at < start + length:
             flip_at = fault.flip_at - start  # body coordinates
@@ -630,6 +633,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if (
             drop_at is None
             and stall_at is None
+            and hold_at is None
             and flip_at is None
             and obj.file is not None
             and not isinstance(self.connection, ssl.SSLSocket)
@@ -651,8 +655,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         raise _Abort()
                 if drop_at is not None and sent >= drop_at:
                     raise _Abort(reset=fault.drop_reset if fault else False)
+                if hold_at is not None and sent >= hold_at:
+                    hold_at = None
+                    assert fault is not None and fault.hold_release is not None
+                    if fault.hold_reached is not None:
+                        fault.hold_reached.set()
+                    while not fault.hold_release.wait(0.05):
+                        if stop.is_set():
+                            raise _Abort()
                 take = len(chunk) - pos
-                for event in (stall_at, drop_at):
+                for event in (stall_at, drop_at, hold_at):
                     if event is not None and event > sent:
                         take = min(take, event - sent)
                 out: Union[bytes, memoryview, bytearray] = chunk[pos : pos + take]

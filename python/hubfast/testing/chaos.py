@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,7 @@ def run(iterations: int, workers: int = 3, load: bool = False, seed: int = 0,
     from .. import _core
     from . import models
     from ..server import TFHubServer
+    from .faults import Fault
 
     rng = random.Random(seed)
     own_work = work is None
@@ -141,6 +143,13 @@ def run(iterations: int, workers: int = 3, load: bool = False, seed: int = 0,
                 cache = work / "cache" / f"it{it}"
                 env = dict(env_base, TFHUB_CACHE_DIR=str(cache),
                            HUBFAST_LOCK_MODE=rng.choice(["flock", "heartbeat"]))
+                # Every other iteration the server holds the first GET's body mid-transfer
+                # until the kills are sent: kills land in a transfer however busy the machine
+                # (the others kill at random moments, whatever the transfer's state).
+                hold = None
+                if it % 2 == 0:
+                    hold = (threading.Event(), threading.Event())
+                    srv.inject(path, Fault.hold(rng.randrange(1, size // 4), *hold))
                 name, fault = _fault(srv, path, size, rng)
                 if fault is not None:
                     srv.inject(path, fault)
@@ -153,7 +162,10 @@ def run(iterations: int, workers: int = 3, load: bool = False, seed: int = 0,
                                                   stdout=subprocess.PIPE,
                                                   stderr=subprocess.DEVNULL, text=True))
                     time.sleep(rng.uniform(0, 0.1))
-                time.sleep(rng.uniform(0.2, 1.2))
+                if hold is None:
+                    time.sleep(rng.uniform(0.2, 1.2))
+                elif not hold[1].wait(timeout):
+                    counts.defects.append(f"it{it}: no transfer began within {timeout} s")
                 sent = srv.stats.path(path).body_bytes - before
                 victims = rng.sample(procs, rng.randint(1, max(1, workers - 1)))
                 for v in victims:
@@ -164,6 +176,8 @@ def run(iterations: int, workers: int = 3, load: bool = False, seed: int = 0,
                         counts.sigterms += sig == signal.SIGTERM
                         if 0 < sent < size:
                             counts.kills_mid_transfer += 1
+                if hold is not None:
+                    hold[0].set()
                 start = time.time()
                 for p in procs:
                     try:

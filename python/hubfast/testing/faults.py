@@ -3,6 +3,7 @@ request; queue them with ``TFHubServer.inject(path, fault)``."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 from typing import Mapping, Optional, Tuple, Union
 
@@ -24,6 +25,10 @@ class Fault:
       instead of FIN with ``reset=True``); ``Content-Length`` announces the full body.
     - ``Fault.stall(after, seconds, then="continue"|"close")``: stop sending after ``after``
       body bytes for ``seconds``, then continue or close.
+    - ``Fault.hold(after, release, reached=None)``: stop sending after ``after`` body bytes
+      (at most all but the last byte of the body) until the ``threading.Event`` ``release`` is
+      set (or the server stops), then continue; ``reached`` is set when the hold begins. A
+      transfer that is in flight for as long as a test needs, however busy the machine.
     - ``Fault.flip(offset)``: XOR 0xFF into the object byte at ``offset``.
     - ``Fault.truncate(n)``: a short object: only the first ``n`` body bytes, with an honest
       ``Content-Length: n`` (and a matching ``Content-Range`` on 206); the connection stays open.
@@ -73,6 +78,9 @@ class Fault:
     other_data: Optional[bytes] = None
     omit_headers: Tuple[str, ...] = ()
     weak: bool = False
+    hold_at: Optional[int] = None
+    hold_release: Optional[threading.Event] = None
+    hold_reached: Optional[threading.Event] = None
 
     @classmethod
     def status(
@@ -100,6 +108,11 @@ class Fault:
         if then not in ("continue", "close"):
             raise ValueError("then must be 'continue' or 'close'")
         return cls(stall_at=int(after), stall_s=float(seconds), stall_close=(then == "close"))
+
+    @classmethod
+    def hold(cls, after: int, release: threading.Event,
+             reached: Optional[threading.Event] = None) -> "Fault":
+        return cls(hold_at=int(after), hold_release=release, hold_reached=reached)
 
     @classmethod
     def flip(cls, offset: int) -> "Fault":
