@@ -442,6 +442,32 @@ def test_fault_stall_times_out_client_and_can_continue(server: TFHubServer) -> N
     assert len(info.value.partial) == 100
 
 
+def test_fault_hold_until_released(server: TFHubServer) -> None:
+    release, reached = threading.Event(), threading.Event()
+    server.inject(MODEL, Fault.hold(1000, release, reached))
+    before = server.stats.path(MODEL).body_bytes
+    got: List[bytes] = []
+    client = threading.Thread(target=lambda: got.append(request(server, MODEL, timeout=60)[1]))
+    client.start()
+    assert reached.wait(30)
+    time.sleep(0.2)  # held: nothing more is sent, the response is not complete
+    assert server.stats.path(MODEL).body_bytes - before == 1000 and got == [] and client.is_alive()
+    release.set()
+    client.join(30)
+    assert got == [DATA]
+    # Past the end of the body: held before its last byte.
+    release, reached = threading.Event(), threading.Event()
+    server.inject(MODEL, Fault.hold(10 * len(DATA), release, reached))
+    before = server.stats.path(MODEL).body_bytes
+    client = threading.Thread(target=lambda: got.append(request(server, MODEL, timeout=60)[1]))
+    client.start()
+    assert reached.wait(30)
+    assert server.stats.path(MODEL).body_bytes - before == len(DATA) - 1
+    release.set()
+    client.join(30)
+    assert got == [DATA, DATA]
+
+
 def test_fault_flip(server: TFHubServer) -> None:
     server.inject(MODEL, Fault.flip(12345))
     resp, body = request(server, MODEL)
