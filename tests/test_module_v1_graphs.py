@@ -1,6 +1,7 @@
 """hub.Module beyond one plain TF1 graph: update ops that no input feeds, a module built inside
-tf.compat.v1.wrap_function (eager caller) or a tf.function traced in a TF1 graph, and the
-error types, assets and attached messages of the TF1 API (hubfast.module_v1).
+tf.compat.v1.wrap_function (eager caller) or a tf.function traced in a TF1 graph, colocation
+constraints restated in the consumer's graph, and the error types, assets and attached messages
+of the TF1 API (hubfast.module_v1).
 
 The cases run in one worker process (``tf_helpers.py``); graph-mode code stays inside
 ``with tf.Graph().as_default():``.
@@ -368,6 +369,157 @@ def case_partitioned_variables(ctx):
         with v1.Session() as sess:
             sess.run(v1.global_variables_initializer())
             np.testing.assert_allclose(sess.run(out), want)
+
+
+def _placed_fn():
+    """A module whose ops carry colocation constraints: `scaled` sits with the variable
+    `gain`, `shifted` with the input `signal`, `mixed` with both; `gain_copy` (a ref
+    variable's read) with its variable."""
+    import tensorflow as tf
+
+    from hubfast.module_v1 import add_signature
+
+    v1 = tf.compat.v1
+    gain = v1.get_variable("gain", [], initializer=v1.constant_initializer(3.0),
+                           use_resource=False)
+    signal = v1.placeholder(tf.float32, [], name="signal")
+    with v1.colocate_with(gain):
+        scaled = tf.multiply(gain.value(), 2.0, name="scaled")
+    with v1.colocate_with(signal):
+        shifted = tf.add(signal, 1.0, name="shifted")
+    with v1.colocate_with(gain), v1.colocate_with(signal):
+        mixed = tf.add(signal, gain.value(), name="mixed")
+    add_signature(inputs=signal, outputs=dict(scaled=scaled, shifted=shifted, mixed=mixed,
+                                              default=gain.value()))
+
+
+@CASES.case
+def case_colocation_restated_in_consumer_graph(ctx):
+    """Colocation constraints of the module graph refer to the consumer's ops once applied:
+    the Module's variable for state, the tensor fed for an input (its own placement), both
+    merged; an exported and reloaded module keeps them."""
+    tf, _, _ = ctx.imports()
+    import hubfast as hub
+
+    v1 = tf.compat.v1
+    spec = hub.create_module_spec(_placed_fn)
+    path = str(ctx.tmp("placed") / "m")
+    with tf.Graph().as_default():
+        left = tf.constant(0, name="left")
+        right = tf.constant(0, name="right")
+        with v1.colocate_with(left), v1.colocate_with(right):
+            feed = tf.constant(5.0, name="feed")
+        plain = tf.constant(7.0, name="plain")
+        m = hub.Module(spec, name="placed")
+        out = m(feed, as_dict=True)
+        assert out["scaled"].op.colocation_groups() == [b"loc:@placed/gain"]
+        assert out["shifted"].op.colocation_groups() == [b"loc:@left", b"loc:@right"]
+        assert out["mixed"].op.colocation_groups() == [
+            b"loc:@left", b"loc:@placed/gain", b"loc:@right"]
+        again = m(plain, as_dict=True)
+        assert again["shifted"].op.colocation_groups() == [b"loc:@plain"]
+        assert again["default"].op.colocation_groups() == [b"loc:@placed/gain"]
+        with v1.Session() as sess:
+            sess.run(v1.global_variables_initializer())
+            assert sess.run(out) == dict(scaled=6.0, shifted=6.0, mixed=8.0, default=3.0)
+            m.export(path, sess)
+    with tf.Graph().as_default():
+        out = hub.Module(path, name="reloaded")(tf.constant(1.0), as_dict=True)
+        assert out["default"].op.colocation_groups() == [b"loc:@reloaded/gain"]
+        with v1.Session() as sess:
+            sess.run(v1.global_variables_initializer())
+            assert sess.run(out["mixed"]) == 4.0
+
+
+@CASES.case
+def case_colocation_rejected_in_module_fn(ctx):
+    """A signature input or a variable placed by tf.colocate_with() next to an ordinary op
+    cannot be restated when the module is applied: create_module_spec says which."""
+    tf, _, _ = ctx.imports()
+    import hubfast as hub
+
+    v1 = tf.compat.v1
+
+    def input_fn():
+        anchor = tf.constant(1.0, name="anchor")
+        with v1.colocate_with(anchor):
+            x = v1.placeholder(tf.float32, name="x")
+        hub.add_signature(inputs=x, outputs=x * 2.0)
+
+    def state_fn():
+        anchor = tf.constant(1.0, name="anchor")
+        with v1.colocate_with(anchor):
+            w = v1.get_variable("w", [], initializer=v1.ones_initializer())
+        hub.add_signature(outputs=w * 2.0)
+
+    def state_with_state_fn():
+        w = v1.get_variable("w", [], initializer=v1.ones_initializer())
+        with v1.colocate_with(w):
+            b = v1.get_variable("b", [], initializer=v1.ones_initializer())
+        hub.add_signature(outputs=w + b)
+
+    with pytest.raises(ValueError, match=r"(?s)input 'default'.*colocate.*loc:@anchor"):
+        hub.create_module_spec(input_fn)
+    with pytest.raises(ValueError, match=r"(?s)state node 'w'.*colocate.*loc:@anchor"):
+        hub.create_module_spec(state_fn)
+    hub.create_module_spec(state_with_state_fn)  # state next to state is fine
+
+
+def _halves_fn():
+    """Both halves of one tf.split are the signature's inputs."""
+    import tensorflow as tf
+
+    from hubfast.module_v1 import add_signature
+
+    v1 = tf.compat.v1
+    lo, hi = tf.split(v1.placeholder(tf.float32, [4], name="whole"), 2, name="halves")
+    with v1.colocate_with(lo):
+        total = tf.add(lo, hi, name="total")
+    add_signature(inputs=dict(lo=lo, hi=hi), outputs=total)
+    add_signature("lo_only", inputs=dict(lo=lo), outputs=total)
+
+
+@CASES.case
+def case_colocation_with_multi_output_input(ctx):
+    """Inputs that are outputs of one op: applying works while the tensors fed for them are
+    placed alike; otherwise a ValueError names the ambiguity and the application adds no op.
+    find_signature_inputs_from_multivalued_ops lists such inputs, sparse ones by part."""
+    tf, _, _ = ctx.imports()
+    import hubfast as hub
+    from hubfast.module_spec import find_signature_inputs_from_multivalued_ops
+
+    v1 = tf.compat.v1
+    spec = hub.create_module_spec(_halves_fn)
+    with tf.Graph().as_default() as g:
+        a = tf.constant([1.0, 2.0], name="a")
+        with v1.colocate_with(a):
+            b = tf.constant([10.0, 20.0], name="b")
+        c = tf.constant([100.0, 200.0], name="c")
+        m = hub.Module(spec, name="m")
+        total = m(dict(lo=a, hi=b))
+        assert total.op.colocation_groups() == [b"loc:@a"]
+        before = len(g.get_operations())
+        with pytest.raises(ValueError, match=r"(?s)'loc:@m_apply_default_1/halves' .*"
+                                             r"\[b'loc:@a'\] vs \[b'loc:@c'\]"):
+            m(dict(lo=a, hi=c))
+        with pytest.raises(ValueError, match=r"(?s)\[b'loc:@a'\] vs "
+                                             r"\[b'loc:@m_apply_lo_only/halves'\]"):
+            m(dict(lo=a), signature="lo_only")
+        assert len(g.get_operations()) == before, "a failed application left ops behind"
+        with v1.Session() as sess:
+            assert sess.run(total).tolist() == [11.0, 22.0]
+
+    with tf.Graph().as_default():
+        first, second = tf.unstack(tf.constant([[1, 2], [3, 4]]), name="rows")
+        single = tf.constant([5, 6], name="single")
+        sparse = tf.sparse.split(tf.SparseTensor([[0, 0], [1, 1]], [7, 8], [2, 2]), 2, axis=0,
+                                 name="parts")[1]
+        msg = find_signature_inputs_from_multivalued_ops(
+            dict(b=second, a=first, c=single, d=sparse))
+        assert msg.endswith("Affected inputs: a='rows:0', b='rows:1', "
+                            "d.indices='parts:1', d.values='parts:3', "
+                            "d.dense_shape='parts:5'"), msg
+        assert find_signature_inputs_from_multivalued_ops(dict(c=single)) is None
 
 
 # ---------------------------------------------------------------------------

@@ -23,13 +23,15 @@ from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Opti
 import tensorflow as tf
 from tensorflow.core.framework import variable_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.python.framework import op_def_registry
 
 from . import paths
 
 logger = logging.getLogger("hubfast")
 
 __all__ = ["ModuleSpec", "ParsedTensorInfo", "add_signature", "attach_message",
-           "create_module_spec", "create_module_spec_from_saved_model", "load_module_spec"]
+           "create_module_spec", "create_module_spec_from_saved_model",
+           "find_signature_inputs_from_multivalued_ops", "load_module_spec"]
 
 v1 = tf.compat.v1
 
@@ -55,6 +57,34 @@ SUPPORTED_COLLECTIONS = frozenset([
     v1.GraphKeys.REGULARIZATION_LOSSES, v1.GraphKeys.ASSET_FILEPATHS,
     v1.GraphKeys.COND_CONTEXT, v1.GraphKeys.WHILE_CONTEXT, ATTACHMENTS_COLLECTION,
 ])
+
+_RESOURCE = tf.resource.as_datatype_enum
+
+#: The prefix of a colocation group in an op's ``_class`` attribute: ``b"loc:@<op name>"``.
+COLOCATION_PREFIX = b"loc:@"
+
+
+def is_state_node(node: Any) -> bool:
+    """A NodeDef that owns state: stateful, no inputs, outputs a resource or a ref (variables,
+    tables, queues). hub.Module creates these once per Module, not per application."""
+    if node.input and any(not i.startswith("^") for i in node.input):
+        return False
+    try:
+        op_def = op_def_registry.get(node.op)
+    except Exception:  # noqa: BLE001 - unknown op: not ours to judge
+        op_def = None
+    if op_def is None or not op_def.is_stateful or op_def.input_arg:
+        return False
+    return any(a.is_ref or a.type == _RESOURCE for a in op_def.output_arg)
+
+
+def colocation_targets(node: Any) -> List[str]:
+    """The op names a NodeDef is colocated with (its ``_class`` attribute)."""
+    if "_class" not in node.attr:
+        return []
+    return [s[len(COLOCATION_PREFIX):].decode("utf-8") for s in node.attr["_class"].list.s
+            if s.startswith(COLOCATION_PREFIX)]
+
 
 TensorOrDict = Union[tf.Tensor, tf.SparseTensor, Mapping[str, Any], None]
 
@@ -348,8 +378,60 @@ def _as_dict(value: TensorOrDict, what: str) -> Dict[str, Any]:
     return {"default": value}
 
 
-def _build_infos(d: Dict[str, Any], what: str, graph: tf.Graph
-                 ) -> Dict[str, meta_graph_pb2.TensorInfo]:
+def _check_input_colocation(key: str, t: Any, signature: str) -> None:
+    """A signature input is replaced by the caller's tensor when the module is applied, so it
+    cannot carry colocation constraints of its own (ops colocated *with* it are fine: they
+    follow the caller's tensor)."""
+    for c in tf.nest.flatten(t, expand_composites=True):
+        groups = c.op.colocation_groups()
+        if groups != [COLOCATION_PREFIX + c.op.name.encode("utf-8")]:
+            raise ValueError(
+                f"add_signature: input {key!r} of signature {signature!r} ({c.name}) must not "
+                "be placed by tf.colocate_with() in module_fn, but it is colocated with "
+                f"{groups}; create the input outside any colocate_with() block")
+
+
+def _label_components(key: str, t: Any) -> List[Tuple[str, Any]]:
+    if isinstance(t, tf.SparseTensor):
+        return [(f"{key}.indices", t.indices), (f"{key}.values", t.values),
+                (f"{key}.dense_shape", t.dense_shape)]
+    if isinstance(t, tf.Tensor):
+        return [(key, t)]
+    return [(f"{key}.{i}", c) for i, c in enumerate(tf.nest.flatten(t, expand_composites=True))]
+
+
+def find_signature_inputs_from_multivalued_ops(inputs: Mapping[str, Any]) -> Optional[str]:
+    """A warning (or None) about signature inputs that are one of several outputs of an op:
+    colocation with such an op cannot be rewritten unambiguously when the module is applied
+    to tensors with different placements. SparseTensor inputs are checked per component."""
+    found = [(label, c) for key in sorted(inputs)
+             for label, c in _label_components(key, inputs[key]) if len(c.op.outputs) > 1]
+    if not found:
+        return None
+    return ("Signature inputs should be tensors of ops with a single output: a "
+            "tf.colocate_with() on an op with several outputs may fail to apply when the "
+            "module's inputs are fed from differently placed tensors.\n"
+            "Affected inputs: " + ", ".join(f"{label}='{c.name}'" for label, c in found))
+
+
+def _check_state_colocation(graph_def: Any, tags: Iterable[str]) -> None:
+    """Variables, tables and queues are created once per hub.Module, apart from the ops of
+    any application: they may be colocated only with each other."""
+    state = {n.name for n in graph_def.node if is_state_node(n)}
+    for node in graph_def.node:
+        if node.name not in state:
+            continue
+        others = [t for t in colocation_targets(node) if t not in state]
+        if others:
+            raise ValueError(
+                f"create_module_spec: the state node {node.name!r} ({node.op}) of the graph "
+                f"variant {_tags_str(tags)} must not be placed by tf.colocate_with() next to "
+                f"ops that hold no state, but it is colocated with "
+                f"{[COLOCATION_PREFIX + t.encode('utf-8') for t in others]}")
+
+
+def _build_infos(d: Dict[str, Any], what: str, graph: tf.Graph,
+                 signature: Optional[str] = None) -> Dict[str, meta_graph_pb2.TensorInfo]:
     out = {}
     for key, t in d.items():
         if not isinstance(key, str) or not key:
@@ -359,6 +441,8 @@ def _build_infos(d: Dict[str, Any], what: str, graph: tf.Graph
                              "should have one of the types Tensor, SparseTensor, RaggedTensor")
         if any(c.graph is not graph for c in tf.nest.flatten(t, expand_composites=True)):
             raise ValueError(f"add_signature: {what}[{key!r}] is not in the graph of module_fn")
+        if what == "inputs":
+            _check_input_colocation(key, t, signature or "default")
         if isinstance(t, tf.Tensor) and t.dtype._is_ref_dtype:  # pylint: disable=protected-access
             t = tf.identity(t)
         out[key] = v1.saved_model.utils.build_tensor_info(t)
@@ -382,10 +466,14 @@ def add_signature(name: Optional[str] = None, inputs: TensorOrDict = None,
     out_dict = _as_dict(outputs, "outputs")
     if not out_dict:
         raise ValueError(f"signature {name!r} has no outputs")
+    in_dict = _as_dict(inputs, "inputs")
     collector.signatures[name] = v1.saved_model.signature_def_utils.build_signature_def(
-        inputs=_build_infos(_as_dict(inputs, "inputs"), "inputs", collector.graph),
+        inputs=_build_infos(in_dict, "inputs", collector.graph, name),
         outputs=_build_infos(out_dict, "outputs", collector.graph),
         method_name=v1.saved_model.signature_constants.PREDICT_METHOD_NAME)
+    warning = find_signature_inputs_from_multivalued_ops(in_dict)
+    if warning:
+        logger.warning("add_signature(name=%r): %s", name, warning)
 
 
 def create_module_spec(module_fn: Callable[..., Any],
@@ -429,6 +517,7 @@ def create_module_spec(module_fn: Callable[..., Any],
             keys = [k for k in graph.get_all_collection_keys() if k not in drop]
             meta_graph = v1.train.export_meta_graph(graph=graph, saver_def=saver_def,
                                                     collection_list=keys, clear_devices=True)
+        _check_state_colocation(meta_graph.graph_def, tags)
         unsupported = sorted(set(meta_graph.collection_def) - SUPPORTED_COLLECTIONS)
         if unsupported:
             raise ValueError(f"Unsupported collections in graph: {unsupported}. A module "

@@ -35,10 +35,12 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, 
 
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
-from tensorflow.python.framework import op_def_registry
+from tensorflow.core.framework import attr_value_pb2
 
-from .module_spec import (ModuleSpec, ParsedTensorInfo, Variant, add_signature, attach_message,
-                          create_module_spec, create_module_spec_from_saved_model, load_module_spec, tensor_names, write_module)
+from .module_spec import (COLOCATION_PREFIX, ModuleSpec, ParsedTensorInfo, Variant, add_signature,
+                          attach_message, colocation_targets, create_module_spec,
+                          create_module_spec_from_saved_model, is_state_node, load_module_spec,
+                          tensor_names, write_module)
 
 logger = logging.getLogger("hubfast")
 
@@ -48,29 +50,12 @@ __all__ = ["Module", "ModuleSpec", "ParsedTensorInfo", "LatestModuleExporter", "
 
 v1 = tf.compat.v1
 
-_RESOURCE = tf.resource.as_datatype_enum
-
-
 def _op_name(tensor_name: str) -> str:
     return tensor_name[1:] if tensor_name.startswith("^") else tensor_name.split(":")[0]
 
 
 def _canonical(tensor_name: str) -> str:
     return tensor_name if ":" in tensor_name else tensor_name + ":0"
-
-
-def _is_state_op(node: Any) -> bool:
-    """A node that owns state: stateful, no inputs, outputs a resource or a ref (variables,
-    tables, queues)."""
-    if node.input and any(not i.startswith("^") for i in node.input):
-        return False
-    try:
-        op_def = op_def_registry.get(node.op)
-    except Exception:  # noqa: BLE001 - unknown op: not ours to judge
-        op_def = None
-    if op_def is None or not op_def.is_stateful or op_def.input_arg:
-        return False
-    return any(a.is_ref or a.type == _RESOURCE for a in op_def.output_arg)
 
 
 class _GraphIndex:
@@ -80,7 +65,7 @@ class _GraphIndex:
         mg = variant.meta_graph
         self.graph_def = mg.graph_def
         self.nodes = {n.name: n for n in self.graph_def.node}
-        self.state = {n.name for n in self.graph_def.node if _is_state_op(n)}
+        self.state = {n.name for n in self.graph_def.node if is_state_node(n)}
         self.global_vars = variant.variable_defs("variables")
         self.local_vars = variant.variable_defs("local_variables")
         self.trainable = {vd.variable_name.split(":")[0]
@@ -437,9 +422,14 @@ class Module:
             fetch = [t for info in sig.outputs.values() for t in tensor_names(info)
                      if t not in feeds and t not in self._state]
             assets = self._index.asset_paths
+            colocations = self._colocations(gd, feeds, scope, signature)
             results = tf.graph_util.import_graph_def(
                 gd, input_map=input_map, return_elements=fetch + updates + assets, name=scope
             ) if fetch or updates or assets else []
+            for op_name, groups in colocations.items():
+                graph.get_operation_by_name(op_name)._set_attr(  # pylint: disable=protected-access
+                    "_class", attr_value_pb2.AttrValue(
+                        list=attr_value_pb2.AttrValue.ListValue(s=groups)))
         for t in results[len(fetch) + len(updates):]:
             v1.add_to_collection(v1.GraphKeys.ASSET_FILEPATHS, t)
         results = results[:len(fetch) + len(updates)]
@@ -457,6 +447,67 @@ class Module:
             else:
                 outputs[key] = tf.SparseTensor(*parts) if len(parts) == 3 else parts[0]
         return outputs if as_dict else outputs["default"]
+
+    def _colocations(self, gd: graph_pb2.GraphDef, feeds: Mapping[str, tf.Tensor], scope: str,
+                     signature: str) -> Dict[str, List[bytes]]:
+        """The ``_class`` attribute each imported op gets: the module graph's colocation
+        constraints (``loc:@<module op>``) restated in this graph. An op colocated with a
+        variable or table follows the state this Module created; one colocated with a signature
+        input follows the caller's tensor fed in for it; one colocated with an op imported
+        alongside it follows that op. The import itself can only keep the last kind.
+
+        ValueError (before anything is imported) if an op with several outputs would have to
+        be placed in two different ways, e.g. its outputs fed from differently placed tensors.
+        """
+        graph = v1.get_default_graph()
+        kept = {n.name for n in gd.node}
+        fed: Dict[str, List[Tuple[int, str, tf.Tensor]]] = {}
+        for name, t in feeds.items():
+            name = _canonical(name)
+            fed.setdefault(_op_name(name), []).append((int(name.rsplit(":", 1)[1]), name, t))
+        resolved: Dict[str, List[bytes]] = {}
+
+        def placement(target: str, user: str) -> List[bytes]:
+            if target in resolved:
+                return resolved[target]
+            options: List[Tuple[List[bytes], str]] = []
+            for _, name, t in sorted(fed.get(target, [])):
+                groups = sorted(t.op.colocation_groups()) if t.graph is graph else []
+                options.append((groups, f"the input {name!r} is fed {t.name!r}"))
+            if target in self._index.state:
+                state = self._state.get(target + ":0")
+                op = state.op if state is not None else None
+                groups = sorted(op.colocation_groups()) if op is not None and op.graph is graph \
+                    else []
+                options.append((groups, f"{target!r} is the module's state {getattr(op, 'name', '')!r}"))
+            elif target in kept:
+                options.append(([COLOCATION_PREFIX + (scope + target).encode("utf-8")],
+                                f"other outputs of {target!r} are computed by the module"))
+            for groups, why in options[1:]:
+                if groups != options[0][0]:
+                    raise ValueError(
+                        f"Failed to rewrite colocation constraints while applying hub.Module "
+                        f"{self._name!r} (signature {signature!r}): the op {scope + user!r} is "
+                        f"colocated with {COLOCATION_PREFIX + (scope + target).encode('utf-8')!r} "
+                        f"and that is ambiguous here: {options[0][0]!r} vs {groups!r}, because "
+                        f"{options[0][1]} and {why}. Signature inputs that share an op "
+                        "(tf.split, a SparseTensor's parts) must be fed from tensors placed "
+                        "alike, or the module republished with single-output inputs.")
+            resolved[target] = options[0][0] if options else []
+            return resolved[target]
+
+        out: Dict[str, List[bytes]] = {}
+        for node in gd.node:
+            original = self._index.nodes[node.name]
+            targets = colocation_targets(original)
+            if not targets:
+                continue
+            groups = sorted({g for t in targets for g in placement(t, node.name)})
+            if groups:
+                other = [s for s in original.attr["_class"].list.s
+                         if not s.startswith(COLOCATION_PREFIX)]
+                out[scope + node.name] = other + groups
+        return out
 
     def _variable_state_keys(self) -> Set[str]:
         return {k for k, v in self._state.items() if isinstance(v, tf.Variable)}
