@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, List
@@ -22,6 +23,7 @@ import pytest
 import hubfast
 from hubfast.testing.models import tree_digest
 from hubfast.server import TFHubServer
+from hubfast.testing.faults import Fault
 
 MiB = 1 << 20
 WORKER_CMD = ["-m", "hubfast.testing.worker"]
@@ -130,17 +132,20 @@ def test_killed_downloader_is_taken_over(slow_server, archive, tmp_path):
     handle = slow_server.url_for(HANDLE_PATH)
     name = hashlib.sha1(handle.encode()).hexdigest()
     ready = tmp_path / "ready"
-    first = _spawn(handle, cache)
+    # The server holds the first download a quarter in until it is killed: however busy the
+    # machine, it is still in flight when the second process arrives and when the kill lands.
+    release, reached = threading.Event(), threading.Event()
+    slow_server.inject(HANDLE_PATH, Fault.hold(len(data) // 4, release, reached))
+    first = _spawn(handle, cache, HUBFAST_STALL_TIMEOUT="600")
     procs = [first]
     try:
         # The first process is the downloader: wait until it is well into the transfer.
-        _wait_for(lambda: slow_server.stats.path(HANDLE_PATH).body_bytes > len(data) // 4, 20,
-                  "the first download to start")
+        _wait_for(reached.is_set, 120, "the first download to start")
         temps = [p.name for p in cache.iterdir() if p.name.endswith(".tmp")]
         assert len(temps) == 1, temps
         second = _spawn(handle, cache, WORKER_READY_FILE=str(ready))
         procs.append(second)
-        _wait_for(lambda: any(p.name.startswith("ready.") for p in tmp_path.iterdir()), 20,
+        _wait_for(lambda: any(p.name.startswith("ready.") for p in tmp_path.iterdir()), 120,
                   "the second process to start")
         time.sleep(0.5)  # let it reach the lock and wait there
         sent_before_kill = slow_server.stats.path(HANDLE_PATH).body_bytes
@@ -149,8 +154,10 @@ def test_killed_downloader_is_taken_over(slow_server, archive, tmp_path):
         t_kill = time.time()
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
+        release.set()
         r = _result(second)
     finally:
+        release.set()
         _kill_all(procs)
     assert r["ok"] and r["downloaded"], r
     # It took over at once: one cold download (plus some slack), not a lock timeout.
