@@ -434,7 +434,8 @@ def case_colocation_restated_in_consumer_graph(ctx):
 @CASES.case
 def case_colocation_rejected_in_module_fn(ctx):
     """A signature input or a variable placed by tf.colocate_with() next to an ordinary op
-    cannot be restated when the module is applied: create_module_spec says which."""
+    cannot be restated when the module is applied: create_module_spec says which. A variable
+    placed next to another variable keeps that placement in the consumer's graph."""
     tf, _, _ = ctx.imports()
     import hubfast as hub
 
@@ -462,7 +463,10 @@ def case_colocation_rejected_in_module_fn(ctx):
         hub.create_module_spec(input_fn)
     with pytest.raises(ValueError, match=r"(?s)state node 'w'.*colocate.*loc:@anchor"):
         hub.create_module_spec(state_fn)
-    hub.create_module_spec(state_with_state_fn)  # state next to state is fine
+    with tf.Graph().as_default():  # state next to state is fine, and stays so
+        m = hub.Module(hub.create_module_spec(state_with_state_fn), name="pair")
+        assert m.variable_map["b"].op.colocation_groups() == [b"loc:@pair/w"]
+        assert m.variable_map["w"].op.colocation_groups() == [b"loc:@pair/w"]
 
 
 def _halves_fn():

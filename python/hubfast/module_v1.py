@@ -305,7 +305,7 @@ class Module:
                 # Inside tf.function or Defun the variables live outside it, created once: in
                 # the outer graph, or eagerly (then initialized at once).
                 lift = tf.init_scope() if tf.inside_function() else contextlib.nullcontext()
-                with lift:
+                with lift, self._colocated_with_state(node):
                     var = v1.Variable(
                         initial_value=_eager_safe(init_fn), name=name, dtype=dtype, shape=shape,
                         use_resource=True, trainable=trainable, collections=[collection])
@@ -323,6 +323,18 @@ class Module:
                 v1.add_to_collection(v1.GraphKeys.TABLE_INITIALIZERS, op)
             for t in got[n:]:
                 v1.add_to_collection(v1.GraphKeys.ASSET_FILEPATHS, t)
+
+    @contextlib.contextmanager
+    def _colocated_with_state(self, node: Any) -> Iterator[None]:
+        """Places a variable as the module graph does: next to the variables it is colocated
+        with there (create_module_spec allows state to be colocated only with state)."""
+        ops = [self._variable_map[t].op for t in colocation_targets(node)
+               if t in self._variable_map and not tf.executing_eagerly()]
+        ops = [op for op in ops if op.graph is v1.get_default_graph()]
+        with contextlib.ExitStack() as stack:
+            for op in ops:
+                stack.enter_context(v1.colocate_with(op))
+            yield
 
     def _initial_value_fns(self, vds: List[Any]) -> Dict[str, Callable[[], tf.Tensor]]:
         """Per variable, a function that imports its initializer subgraph where it is called:
