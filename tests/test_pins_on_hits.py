@@ -14,7 +14,7 @@ import pytest
 import hubfast
 from hubfast import errors
 from hubfast.cache import entry_name
-from hubfast.testing import TFHubServer
+from hubfast.server import TFHubServer
 
 PATH = "/org/model/1"
 

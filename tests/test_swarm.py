@@ -11,7 +11,7 @@ import hubfast
 from hubfast import _core, swarm
 from hubfast.pack import pack
 from hubfast.testing.models import tree_digest
-from hubfast.testing.server import TFHubServer
+from hubfast.server import TFHubServer
 
 pytestmark = pytest.mark.skipif(not _core.have_swarm(), reason="built without libtorrent")
 DEAD_TRACKER = "http://127.0.0.1:9/announce"  # nothing listens on the discard port
