@@ -71,6 +71,7 @@ def test_unknown_swarm_option_is_rejected(model, tmp_path):
     t = swarm.make_torrent(str(archive), [])
     with pytest.raises(ValueError, match="unknown swarm option 'tracker'"):  # a typo
         _core.ensure_entry(str(tmp_path), "e", "h", url="http://127.0.0.1:9/x",
+                           lock_timeout=5.0, fsync=False, lock_mode="auto",
                            swarm={"torrent": t["data"], "tracker": ["x"]})
     with pytest.raises(hubfast.errors.IntegrityError):
         _core.parse_torrent(b"d4:spam")
