@@ -56,7 +56,14 @@ sys.meta_path.insert(0, _Block())
 def test_hubfast_serve_runs_without_the_test_helpers(tmp_path):
     """With hubfast.testing unimportable, every production module imports, and `hubfast
     serve` serves an archive (a real request over loopback)."""
-    code = _BLOCKER + "import importlib\nfor m in sys.argv[1:]: importlib.import_module('hubfast.' + m)\n"
+    # Modules built on TensorFlow (feature columns, Keras layers, the TF1 module protos) are skipped where it is
+    # absent (the matrix's TensorFlow-free runs); any other import error fails.
+    code = _BLOCKER + (
+        "import importlib\n"
+        "for m in sys.argv[1:]:\n"
+        "    try: importlib.import_module('hubfast.' + m)\n"
+        "    except ModuleNotFoundError as e:\n"
+        "        if e.name not in ('tensorflow', 'tf_keras', 'keras', 'google.protobuf'): raise\n")
     p = subprocess.run([sys.executable, "-c", code, *_production_modules()],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
