@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
+
+if TYPE_CHECKING:  # imported in the fixture, after the sanity check below has run
+    from hubfast.server import TFHubServer
 
 
 def pytest_sessionstart(session) -> None:
@@ -23,3 +27,17 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d.mkdir()
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(d))
     return d
+
+
+@pytest.fixture
+def server() -> Iterator["TFHubServer"]:
+    """A loopback TF Hub server with nothing on it; fails the test if it saw a server error.
+    Modules that need it stocked define their own ``server``."""
+    from hubfast.server import TFHubServer
+    s = TFHubServer()
+    s.start()
+    try:
+        yield s
+    finally:
+        s.close()
+        assert not s.errors, s.errors

@@ -120,17 +120,6 @@ def _isolated_env(monkeypatch) -> None:
 
 
 @pytest.fixture
-def server() -> Iterator[TFHubServer]:
-    s = TFHubServer()
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
-        assert not s.errors, s.errors
-
-
-@pytest.fixture
 def server2() -> Iterator[TFHubServer]:
     s = TFHubServer()
     s.start()

@@ -59,17 +59,6 @@ def _env(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("HUBFAST_MAX_RETRIES", "3")
 
 
-@pytest.fixture
-def server() -> Iterator[TFHubServer]:
-    s = TFHubServer()
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
-        assert not s.errors, s.errors
-
-
 def _gets(server: TFHubServer):
     return [r for r in server.stats.requests_for(PATH) if r.method == "GET"]
 
